@@ -1,0 +1,132 @@
+"""The absl command line: the only module that reads FLAGS.
+
+Flag names and meanings are those of the original `tf2/run.py`; the defaults are a
+small run on the embedded `mnist5k` data that finishes in minutes on a laptop CPU.
+Paper-scale settings live in `flags/*.cfg` recipes (`--flagfile=flags/<recipe>.cfg`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from simclr_tf import config as config_lib
+
+FLAGS = flags.FLAGS
+_d = config_lib.Config()  # Defaults come from the dataclasses: one source of truth.
+
+# --- optimisation
+flags.DEFINE_float("learning_rate", _d.optim.learning_rate, "Initial learning rate per batch size of 256 (linear scaling) or the multiplier of sqrt(batch size).")
+flags.DEFINE_enum("learning_rate_scaling", _d.optim.learning_rate_scaling, ["linear", "sqrt"], "How to scale the learning rate as a function of batch size.")
+flags.DEFINE_float("warmup_epochs", _d.optim.warmup_epochs, "Number of epochs of linear warm-up.")
+flags.DEFINE_float("weight_decay", _d.optim.weight_decay, "Amount of weight decay to use.")
+flags.DEFINE_enum("optimizer", _d.optim.optimizer, list(config_lib.OPTIMIZERS), "Optimizer: lars, momentum (SGD with Nesterov momentum) or adam.")
+flags.DEFINE_float("momentum", _d.optim.momentum, "Momentum parameter.")
+# --- training schedule
+flags.DEFINE_integer("train_batch_size", _d.train.train_batch_size, "Global batch size for training.")
+flags.DEFINE_integer("train_epochs", _d.train.train_epochs, "Number of epochs to train for.")
+flags.DEFINE_integer("train_steps", _d.train.train_steps, "Number of steps to train for. If provided, overrides train_epochs.")
+flags.DEFINE_integer("eval_steps", _d.train.eval_steps, "Number of steps to eval for. If not provided, evals over the entire split.")
+flags.DEFINE_integer("eval_batch_size", _d.train.eval_batch_size, "Global batch size for eval.")
+flags.DEFINE_integer("checkpoint_epochs", _d.train.checkpoint_epochs, "Number of epochs between checkpoints.")
+flags.DEFINE_integer("checkpoint_steps", _d.train.checkpoint_steps, "Number of steps between checkpoints. If provided, overrides checkpoint_epochs.")
+flags.DEFINE_integer("log_every_steps", _d.train.log_every_steps, "Steps between log lines and TensorBoard scalars (independent of checkpoints).")
+flags.DEFINE_integer("seed", _d.train.seed, "Seed for shuffling the training data.")
+# --- data
+flags.DEFINE_string("dataset", _d.data.dataset, "'mnist5k' (embedded, no download), 'folder:/path/to/root' (root/<split>/<class>/<images>) or a TFDS name such as 'imagenet2012' or 'cifar10'.")
+flags.DEFINE_string("data_dir", _d.data.data_dir, "TFDS data directory.")
+flags.DEFINE_string("train_split", _d.data.train_split, "Split for training; TFDS slicing works for every source, e.g. 'train[:90%]'.")
+flags.DEFINE_string("eval_split", _d.data.eval_split, "Split for evaluation, e.g. 'validation', 'test' or 'train[90%:]'.")
+flags.DEFINE_bool("cache_dataset", _d.data.cache_dataset, "Cache the decoded dataset in memory (good for small datasets, a very bad idea for ImageNet).")
+flags.DEFINE_integer("image_size", _d.model.image_size, "Input image size; <= 32 selects the CIFAR stem (3x3 conv, no max-pool).")
+flags.DEFINE_float("color_jitter_strength", _d.data.color_jitter_strength, "The strength of colour jittering.")
+flags.DEFINE_bool("use_blur", _d.data.use_blur, "Whether or not to use Gaussian blur for augmentation during pretraining.")
+# --- what to run
+flags.DEFINE_enum("mode", _d.train.mode, list(config_lib.MODES), "Whether to train, evaluate (following new checkpoints), or both.")
+flags.DEFINE_enum("train_mode", _d.train.train_mode, list(config_lib.TRAIN_MODES), "pretrain (contrastive), finetune (labels) or distill (teacher soft labels).")
+flags.DEFINE_bool("lineareval_while_pretraining", _d.train.lineareval_while_pretraining, "Train a linear head on stop-gradient features while pretraining.")
+flags.DEFINE_string("checkpoint", _d.train.checkpoint, "Checkpoint (prefix or directory) to initialise from when model_dir holds none, e.g. a pretraining run for fine-tuning.")
+flags.DEFINE_bool("zero_init_logits_layer", _d.model.zero_init_logits_layer, "Zero-initialise the supervised head after restoring --checkpoint.")
+flags.DEFINE_integer("fine_tune_after_block", _d.model.fine_tune_after_block, "Fine-tune the layers after this block: -1 everything, 0 after the stem, 1-3 after that block group, 4 just the linear head.")
+flags.DEFINE_string("model_dir", None, "Directory for checkpoints, summaries, flags.json and result.json. Default: runs/<train_mode>_<dataset>.")
+flags.DEFINE_string("eval_name", _d.train.eval_name, "Name for eval; eval summaries then go to <model_dir>/eval_<eval_name>.")
+flags.DEFINE_integer("keep_checkpoint_max", _d.train.keep_checkpoint_max, "Maximum number of checkpoints to keep.")
+flags.DEFINE_integer("keep_hub_module_max", _d.train.keep_hub_module_max, "Maximum number of exported SavedModels to keep.")
+flags.DEFINE_bool("knn_eval", _d.train.knn_eval, "Also report weighted k-NN accuracy on backbone features (always done when there is no supervised head).")
+flags.DEFINE_integer("knn_k", _d.train.knn_k, "Neighbours for the k-NN evaluation.")
+flags.DEFINE_float("knn_temperature", _d.train.knn_temperature, "Temperature of the k-NN vote weights exp(similarity / T).")
+# --- runtime
+flags.DEFINE_string("master", _d.runtime.master, "Address/name of the TensorFlow master (TPU) when --tpu_name is not given.")
+flags.DEFINE_bool("use_tpu", _d.runtime.use_tpu, "Whether to run on TPU.")
+flags.DEFINE_string("tpu_name", _d.runtime.tpu_name, "The Cloud TPU to use: its name or a grpc://ip:8470 url.")
+flags.DEFINE_string("tpu_zone", _d.runtime.tpu_zone, "GCE zone of the Cloud TPU (detected from metadata if unset).")
+flags.DEFINE_string("gcp_project", _d.runtime.gcp_project, "GCP project of the Cloud TPU (detected from metadata if unset).")
+# --- objective
+flags.DEFINE_float("temperature", _d.train.temperature, "Temperature parameter for the contrastive loss.")
+flags.DEFINE_bool("hidden_norm", _d.train.hidden_norm, "L2-normalise the projections before the contrastive loss.")
+# --- model
+flags.DEFINE_enum("proj_head_mode", _d.model.proj_head_mode, list(config_lib.PROJ_HEAD_MODES), "How the head projection is done.")
+flags.DEFINE_integer("proj_out_dim", _d.model.proj_out_dim, "Output dimension of the projection head.")
+flags.DEFINE_integer("num_proj_layers", _d.model.num_proj_layers, "Number of layers of the nonlinear projection head.")
+flags.DEFINE_integer("ft_proj_selector", _d.model.ft_proj_selector, "Projection-head layer whose output feeds the supervised head: 0 = no projection layer (backbone features), k = after the first k layers, -1 = the last layer.")
+flags.DEFINE_bool("global_bn", _d.model.global_bn, "Aggregate batch-norm statistics across replicas.")
+flags.DEFINE_float("width_multiplier", _d.model.width_multiplier, "Width multiplier of the ResNet: 1, 2, 3, ... or 0.25 / 0.5 for small runs.")
+flags.DEFINE_integer("resnet_depth", _d.model.resnet_depth, "Depth of the ResNet: 18, 34, 50, 101, 152 or 200.")
+flags.DEFINE_float("sk_ratio", _d.model.sk_ratio, "If bigger than 0, use selective kernels. Recommendation: 0.0625.")
+flags.DEFINE_float("se_ratio", _d.model.se_ratio, "If bigger than 0, use squeeze-and-excitation.")
+flags.DEFINE_float("batch_norm_decay", _d.model.batch_norm_decay, "Batch norm decay (moving-average momentum).")
+
+
+def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> config_lib.Config:
+    """The typed config for the parsed flags."""
+    sections: dict[str, dict] = {}
+    for name in config_lib.all_field_names():
+        sections.setdefault(config_lib.section_of(name), {})[name] = flag_values[name].value
+    config = config_lib.Config.from_dict(sections)
+    config_lib.validate(config)
+    return config
+
+
+def default_model_dir(config: config_lib.Config) -> str:
+    dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset.split("/")[-1] or "data")
+    return os.path.join("runs", f"{config.train.train_mode}_{dataset}")
+
+
+def our_flag_values(flag_values: flags.FlagValues = FLAGS) -> dict:
+    """Values of the flags this module defines (not absl's own), JSON-serialisable."""
+    names = [f.name for f in flag_values.get_flags_for_module(__name__)]
+    return {name: flag_values[name].value for name in sorted(names)}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        config = config_from_flags()
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    model_dir = FLAGS.model_dir or default_model_dir(config)
+    logging.info("model_dir: %s", model_dir)
+
+    # Imported late so that `--help` and flag errors don't wait for TensorFlow.
+    import tensorflow as tf
+
+    from simclr_tf.train import train_and_evaluate
+
+    # Soft placement lets summary ops fall back to the host on TPU.
+    tf.config.set_soft_device_placement(True)
+    tf.io.gfile.makedirs(model_dir)
+    resolved = our_flag_values()
+    resolved["model_dir"] = model_dir
+    with tf.io.gfile.GFile(os.path.join(model_dir, "flags.json"), "w") as f:
+        json.dump(resolved, f, indent=2, sort_keys=True)
+    train_and_evaluate(config, model_dir)
+
+
+def run() -> None:
+    app.run(main)

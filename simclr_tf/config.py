@@ -1,0 +1,239 @@
+"""Typed configuration: the one object the CLI builds from flags.
+
+Everything below the CLI takes plain values from these dataclasses, so a test or
+a notebook builds a `Config` directly (or calls `Config.small()`) without absl.
+Field names are the original `tf2/run.py` flag names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+TRAIN_MODES = ("pretrain", "finetune", "distill")
+MODES = ("train", "eval", "train_then_eval")
+OPTIMIZERS = ("lars", "momentum", "adam")
+PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
+RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+FRACTIONAL_WIDTHS = (0.25, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    resnet_depth: int = 18
+    width_multiplier: float = 0.25
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
+    image_size: int = 32
+    batch_norm_decay: float = 0.9
+    global_bn: bool = True
+    proj_head_mode: str = "nonlinear"
+    proj_out_dim: int = 128
+    num_proj_layers: int = 3
+    ft_proj_selector: int = 0
+    zero_init_logits_layer: bool = False
+    fine_tune_after_block: int = -1
+
+    @property
+    def cifar_stem(self) -> bool:
+        # As the original: 32x32 and smaller inputs get a 3x3 stride-1 stem, no max-pool.
+        return self.image_size <= 32
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    cache_dataset: bool = True
+    color_jitter_strength: float = 0.5
+    use_blur: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "lars"
+    learning_rate: float = 1.0
+    learning_rate_scaling: str = "linear"
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "train_then_eval"
+    train_mode: str = "pretrain"
+    train_batch_size: int = 128
+    train_epochs: int = 10
+    train_steps: int = 0
+    eval_steps: int = 0
+    eval_batch_size: int = 256
+    checkpoint_epochs: int = 1
+    checkpoint_steps: int = 0
+    log_every_steps: int = 25
+    lineareval_while_pretraining: bool = True
+    checkpoint: str | None = None
+    keep_checkpoint_max: int = 5
+    keep_hub_module_max: int = 1
+    temperature: float = 0.2
+    hidden_norm: bool = True
+    eval_name: str | None = None
+    knn_eval: bool = False
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    use_tpu: bool = False
+    tpu_name: str | None = None
+    tpu_zone: str | None = None
+    gcp_project: str | None = None
+    master: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+    def replace(self, **sections: dict[str, Any]) -> "Config":
+        """Returns a copy with fields overridden, e.g. `replace(train={"train_steps": 2})`."""
+        updated = {
+            name: dataclasses.replace(getattr(self, name), **fields)
+            for name, fields in sections.items()
+        }
+        return dataclasses.replace(self, **updated)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, dict[str, Any]]) -> "Config":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, section_values in values.items():
+            if name not in sections:
+                raise ValueError(f"Unknown config section {name!r}")
+            section_cls = globals()[_SECTION_CLASSES[name]]
+            kwargs[name] = section_cls(**section_values)
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def flat(self) -> dict[str, Any]:
+        """All fields in one dict keyed by flag name."""
+        out: dict[str, Any] = {}
+        for section in self.to_dict().values():
+            out.update(section)
+        return out
+
+
+_SECTION_CLASSES = {
+    "model": "ModelConfig",
+    "data": "DataConfig",
+    "optim": "OptimConfig",
+    "train": "TrainConfig",
+    "runtime": "RuntimeConfig",
+}
+
+
+def section_of(field_name: str) -> str:
+    """Name of the section that holds `field_name` (a flag name)."""
+    for section, class_name in _SECTION_CLASSES.items():
+        if field_name in {f.name for f in dataclasses.fields(globals()[class_name])}:
+            return section
+    raise KeyError(field_name)
+
+
+def all_field_names() -> list[str]:
+    return [
+        f.name
+        for class_name in _SECTION_CLASSES.values()
+        for f in dataclasses.fields(globals()[class_name])
+    ]
+
+
+def train_steps_for(config: Config, num_train_examples: int) -> int:
+    """Total optimizer steps, as the original: `train_steps` or epochs' worth (+1)."""
+    t = config.train
+    return t.train_steps or (num_train_examples * t.train_epochs // t.train_batch_size + 1)
+
+
+def warmup_steps_for(config: Config, num_train_examples: int) -> int:
+    return int(round(config.optim.warmup_epochs * num_train_examples // config.train.train_batch_size))
+
+
+def epoch_steps_for(config: Config, num_train_examples: int) -> int:
+    return max(1, int(round(num_train_examples / config.train.train_batch_size)))
+
+
+def checkpoint_steps_for(config: Config, num_train_examples: int) -> int:
+    t = config.train
+    return t.checkpoint_steps or max(1, t.checkpoint_epochs * epoch_steps_for(config, num_train_examples))
+
+
+def eval_steps_for(config: Config, num_eval_examples: int) -> int:
+    return config.train.eval_steps or int(math.ceil(num_eval_examples / config.train.eval_batch_size))
+
+
+def validate(config: Config) -> None:
+    """Raises ValueError naming the flag for values and combinations that cannot work."""
+    m, t, o, d = config.model, config.train, config.optim, config.data
+
+    def fail(flag: str, message: str) -> None:
+        raise ValueError(f"--{flag}: {message}")
+
+    if m.resnet_depth not in RESNET_DEPTHS:
+        fail("resnet_depth", f"{m.resnet_depth} is not one of {RESNET_DEPTHS}.")
+    width = m.width_multiplier
+    if not (width in FRACTIONAL_WIDTHS or (width >= 1 and float(width).is_integer())):
+        fail("width_multiplier", f"{width} is not a positive integer or one of {FRACTIONAL_WIDTHS}.")
+    for flag in ("sk_ratio", "se_ratio"):
+        if not 0 <= getattr(m, flag) < 1:
+            fail(flag, f"{getattr(m, flag)} must be in [0, 1).")
+    if m.image_size < 8:
+        fail("image_size", f"{m.image_size} is too small for a ResNet; use 32 or more.")
+    if m.proj_head_mode not in PROJ_HEAD_MODES:
+        fail("proj_head_mode", f"{m.proj_head_mode!r} is not one of {PROJ_HEAD_MODES}.")
+    num_layers = {"none": 0, "linear": 1, "nonlinear": m.num_proj_layers}[m.proj_head_mode]
+    if m.proj_head_mode == "nonlinear" and m.num_proj_layers < 1:
+        fail("num_proj_layers", "must be at least 1 for a nonlinear head.")
+    if not -1 <= m.ft_proj_selector <= num_layers:
+        fail(
+            "ft_proj_selector",
+            f"{m.ft_proj_selector} is out of range for a {m.proj_head_mode} head with "
+            f"{num_layers} layer(s): use 0..{num_layers} or -1 (the last layer).",
+        )
+    if not -1 <= m.fine_tune_after_block <= 4:
+        fail("fine_tune_after_block", f"{m.fine_tune_after_block} must be in -1..4.")
+    if t.train_mode not in TRAIN_MODES:
+        fail("train_mode", f"{t.train_mode!r} is not one of {TRAIN_MODES}.")
+    if t.mode not in MODES:
+        fail("mode", f"{t.mode!r} is not one of {MODES}.")
+    if t.train_mode == "pretrain" and m.fine_tune_after_block != -1:
+        fail("fine_tune_after_block", "layer freezing is for fine-tuning; use -1 when pretraining.")
+    if o.optimizer not in OPTIMIZERS:
+        fail("optimizer", f"{o.optimizer!r} is not one of {OPTIMIZERS}.")
+    for flag in ("train_batch_size", "eval_batch_size"):
+        if getattr(t, flag) < 1:
+            fail(flag, "must be positive.")
+    if t.train_steps < 0 or t.train_epochs < 0 or (t.train_steps == 0 and t.train_epochs == 0):
+        fail("train_steps", "set --train_steps or --train_epochs to a positive number.")
+    if t.temperature <= 0:
+        fail("temperature", "must be positive.")
+    if o.learning_rate < 0:
+        fail("learning_rate", "must not be negative.")
+    if t.log_every_steps < 1:
+        fail("log_every_steps", "must be at least 1.")
+    if not d.dataset:
+        fail("dataset", "is empty; use mnist5k, folder:/path or a TFDS name.")

@@ -1,0 +1,28 @@
+"""Input pipeline: dataset sources, SimCLR augmentations and batched views."""
+
+from simclr_tf.data.augment import preprocess_for_eval, preprocess_for_train
+from simclr_tf.data.pipeline import build_dataset
+from simclr_tf.data.sources import (
+    FolderSource,
+    Mnist5kSource,
+    Source,
+    SplitSpec,
+    TfdsSource,
+    get_source,
+    parse_split,
+    select_indices,
+)
+
+__all__ = [
+    "FolderSource",
+    "Mnist5kSource",
+    "Source",
+    "SplitSpec",
+    "TfdsSource",
+    "build_dataset",
+    "get_source",
+    "parse_split",
+    "preprocess_for_eval",
+    "preprocess_for_train",
+    "select_indices",
+]

@@ -1,0 +1,57 @@
+"""`train_and_evaluate(config, model_dir)`: what `run.py` calls, and notebooks and tests too."""
+
+from __future__ import annotations
+
+import re
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from simclr_tf.config import Config
+from simclr_tf.train import evaluation
+from simclr_tf.train import trainer
+from simclr_tf.train.experiment import Experiment, save_config
+
+_CHECKPOINT_STEP = re.compile(r"ckpt-(\d+)$")
+
+
+def train_and_evaluate(
+    config: Config, model_dir: str, strategy: tf.distribute.Strategy | None = None
+) -> dict[str, float] | None:
+    """Runs `config.train.mode` in `model_dir`; returns the last eval result, if any."""
+    experiment = Experiment.create(config, model_dir, strategy)
+    save_config(config, model_dir)
+    mode = config.train.mode
+    if mode == "eval":
+        return evaluate_continuously(experiment)
+    state = trainer.train(experiment)
+    if mode == "train_then_eval":
+        return evaluation.evaluate(experiment, state.model, int(state.optimizer.iterations.numpy()))
+    return None
+
+
+def evaluate_continuously(experiment: Experiment, timeout_secs: float | None = None) -> dict | None:
+    """Evaluates each new checkpoint in model_dir until one reaches the final step."""
+    with experiment.strategy.scope():
+        model = experiment.build_model()
+    result = None
+    for path in tf.train.checkpoints_iterator(
+        experiment.model_dir, min_interval_secs=15, timeout=timeout_secs
+    ):
+        step = restore_model_for_eval(model, path)
+        result = evaluation.evaluate(experiment, model, step)
+        if step >= experiment.train_steps:
+            logging.info("Evaluated the final step %d; done", step)
+            break
+    return result
+
+
+def restore_model_for_eval(model: keras.Model, path: str) -> int:
+    """Restores the model's weights (all of them, or fails) and returns the checkpoint's step."""
+    status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    status.assert_existing_objects_matched()
+    match = _CHECKPOINT_STEP.search(path)
+    if match is None:
+        raise ValueError(f"Cannot read the step from checkpoint name {path} (expected ckpt-<step>)")
+    return int(match.group(1))

@@ -1,0 +1,46 @@
+"""Shared test setup: quiet TensorFlow and two logical CPU devices.
+
+Two logical CPUs let any test build `tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])`
+to check cross-replica behaviour on a machine without accelerators. This must run
+before TensorFlow initialises its devices, hence at import time of this conftest.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+except RuntimeError:  # Devices already initialised by an earlier import.
+    pass
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CIFAR10_ROOT = REPO_ROOT.parent / "shared" / "datasets" / "cifar10"
+FIXTURES_ROOT = REPO_ROOT.parent / "shared" / "fixtures" / "original_tf2"
+
+
+@pytest.fixture
+def two_cpu_strategy():
+    """MirroredStrategy over the two logical CPUs configured above."""
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs two logical CPU devices")
+    # Each MirroredStrategy over the same devices would reuse collective keys and
+    # abort on the first all-reduce; TensorFlow's own test helpers bump the base too.
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture
+def cifar10_root():
+    if not (CIFAR10_ROOT / "train").is_dir():
+        pytest.skip(f"{CIFAR10_ROOT} not present")
+    return CIFAR10_ROOT

@@ -1,0 +1,57 @@
+import dataclasses
+
+import pytest
+
+from simclr_tf import config as config_lib
+from simclr_tf.config import Config
+
+
+def test_round_trip_through_dict():
+    config = Config().replace(model={"resnet_depth": 50}, train={"train_steps": 7})
+    assert Config.from_dict(config.to_dict()) == config
+
+
+def test_field_names_are_unique_across_sections():
+    names = config_lib.all_field_names()
+    assert len(names) == len(set(names))
+
+
+def test_derived_steps_follow_the_original_formulas():
+    config = Config().replace(
+        train={"train_batch_size": 512, "train_epochs": 100, "checkpoint_epochs": 2},
+        optim={"warmup_epochs": 10},
+    )
+    assert config_lib.train_steps_for(config, 50000) == 50000 * 100 // 512 + 1
+    assert config_lib.warmup_steps_for(config, 50000) == int(round(10 * 50000 // 512))
+    assert config_lib.checkpoint_steps_for(config, 50000) == 2 * round(50000 / 512)
+    assert config_lib.train_steps_for(config.replace(train={"train_steps": 3}), 50000) == 3
+    assert config_lib.eval_steps_for(config, 1001) == 4
+
+
+@pytest.mark.parametrize(
+    "section,fields,flag",
+    [
+        ("model", {"resnet_depth": 42}, "resnet_depth"),
+        ("model", {"width_multiplier": 0.3}, "width_multiplier"),
+        ("model", {"ft_proj_selector": 4}, "ft_proj_selector"),
+        ("model", {"proj_head_mode": "linear", "ft_proj_selector": 2}, "ft_proj_selector"),
+        ("model", {"fine_tune_after_block": 5}, "fine_tune_after_block"),
+        ("model", {"fine_tune_after_block": 2}, "fine_tune_after_block"),  # while pretraining
+        ("model", {"image_size": 4}, "image_size"),
+        ("train", {"train_batch_size": 0}, "train_batch_size"),
+        ("train", {"train_steps": 0, "train_epochs": 0}, "train_steps"),
+        ("train", {"temperature": 0.0}, "temperature"),
+        ("optim", {"optimizer": "sgd"}, "optimizer"),
+    ],
+)
+def test_validate_names_the_flag(section, fields, flag):
+    config = Config().replace(**{section: fields})
+    with pytest.raises(ValueError, match=f"--{flag}"):
+        config_lib.validate(config)
+
+
+def test_defaults_are_valid():
+    config_lib.validate(Config())
+    for width in (0.25, 0.5, 1.0, 2.0, 3.0):
+        config_lib.validate(Config().replace(model={"width_multiplier": width}))
+    assert dataclasses.asdict(Config())["model"]["image_size"] == 32
