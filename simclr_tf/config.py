@@ -12,7 +12,8 @@ import json
 import math
 from typing import Any
 
-TRAIN_MODES = ("pretrain", "finetune", "distill")
+# "supervised" trains from scratch on the labels (the baseline SimCLRv2 compares with).
+TRAIN_MODES = ("pretrain", "finetune", "distill", "supervised")
 MODES = ("train", "eval", "train_then_eval")
 OPTIMIZERS = ("lars", "momentum", "adam")
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
@@ -51,6 +52,11 @@ class DataConfig:
     cache_dataset: bool = True
     color_jitter_strength: float = 0.5
     use_blur: bool = False
+    # Few labels: a class-balanced subset of the train split for finetune / supervised /
+    # the labeled part of distill. 1.0 and 0 mean all labels.
+    labeled_fraction: float = 1.0
+    labeled_per_class: int = 0
+    labeled_seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +74,7 @@ class TrainConfig:
     mode: str = "train_then_eval"
     train_mode: str = "pretrain"
     train_batch_size: int = 128
-    train_epochs: int = 10
+    train_epochs: int = 20
     train_steps: int = 0
     eval_steps: int = 0
     eval_batch_size: int = 256
@@ -82,10 +88,27 @@ class TrainConfig:
     temperature: float = 0.2
     hidden_norm: bool = True
     eval_name: str | None = None
-    knn_eval: bool = False
+    knn_eval: bool = True
     knn_k: int = 20
     knn_temperature: float = 0.07
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    teacher_checkpoint: str | None = None
+    distill_temperature: float = 1.0
+    # w in (1 - w) * distillation loss + w * cross-entropy on the labeled subset.
+    distill_label_weight: float = 0.0
+    # The teacher's architecture; None = from the teacher run's config.json, else the student's.
+    teacher_resnet_depth: int | None = None
+    teacher_width_multiplier: float | None = None
+    teacher_sk_ratio: float | None = None
+    teacher_se_ratio: float | None = None
+    teacher_proj_head_mode: str | None = None
+    teacher_num_proj_layers: int | None = None
+    teacher_proj_out_dim: int | None = None
+    teacher_ft_proj_selector: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +126,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     def replace(self, **sections: dict[str, Any]) -> "Config":
@@ -118,14 +142,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, dict[str, Any]]) -> "Config":
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for name, section_values in values.items():
-            if name not in sections:
-                raise ValueError(f"Unknown config section {name!r}")
-            section_cls = globals()[_SECTION_CLASSES[name]]
-            kwargs[name] = section_cls(**section_values)
-        return cls(**kwargs)
+        unknown = set(values) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"Unknown config section(s) {sorted(unknown)}")
+        return cls(**{name: SECTIONS[name](**fields) for name, fields in values.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -138,29 +158,26 @@ class Config:
         return out
 
 
-_SECTION_CLASSES = {
-    "model": "ModelConfig",
-    "data": "DataConfig",
-    "optim": "OptimConfig",
-    "train": "TrainConfig",
-    "runtime": "RuntimeConfig",
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "distill": DistillConfig,
+    "runtime": RuntimeConfig,
 }
 
 
 def section_of(field_name: str) -> str:
     """Name of the section that holds `field_name` (a flag name)."""
-    for section, class_name in _SECTION_CLASSES.items():
-        if field_name in {f.name for f in dataclasses.fields(globals()[class_name])}:
+    for section, section_cls in SECTIONS.items():
+        if field_name in {f.name for f in dataclasses.fields(section_cls)}:
             return section
     raise KeyError(field_name)
 
 
 def all_field_names() -> list[str]:
-    return [
-        f.name
-        for class_name in _SECTION_CLASSES.values()
-        for f in dataclasses.fields(globals()[class_name])
-    ]
+    return [f.name for section_cls in SECTIONS.values() for f in dataclasses.fields(section_cls)]
 
 
 def train_steps_for(config: Config, num_train_examples: int) -> int:
@@ -220,8 +237,25 @@ def validate(config: Config) -> None:
         fail("train_mode", f"{t.train_mode!r} is not one of {TRAIN_MODES}.")
     if t.mode not in MODES:
         fail("mode", f"{t.mode!r} is not one of {MODES}.")
-    if t.train_mode == "pretrain" and m.fine_tune_after_block != -1:
-        fail("fine_tune_after_block", "layer freezing is for fine-tuning; use -1 when pretraining.")
+    if t.train_mode != "finetune" and m.fine_tune_after_block != -1:
+        fail(
+            "fine_tune_after_block",
+            f"layer freezing is for --train_mode=finetune; use -1 with --train_mode={t.train_mode}.",
+        )
+    if not 0 < d.labeled_fraction <= 1:
+        fail("labeled_fraction", f"{d.labeled_fraction} must be in (0, 1], e.g. 0.01 for 1% of the labels.")
+    if d.labeled_per_class < 0:
+        fail("labeled_per_class", "must be 0 (use --labeled_fraction) or a positive count.")
+    x = config.distill
+    if t.train_mode == "distill":
+        if not x.teacher_checkpoint:
+            fail("teacher_checkpoint", "distillation needs a fine-tuned teacher: pass its model_dir or checkpoint.")
+        if x.distill_temperature <= 0:
+            fail("distill_temperature", "must be positive.")
+        if not 0 <= x.distill_label_weight <= 1:
+            fail("distill_label_weight", f"{x.distill_label_weight} must be in [0, 1].")
+    if t.train_mode == "supervised" and t.checkpoint:
+        fail("checkpoint", "--train_mode=supervised trains from scratch; use --train_mode=finetune to start from a checkpoint.")
     if o.optimizer not in OPTIMIZERS:
         fail("optimizer", f"{o.optimizer!r} is not one of {OPTIMIZERS}.")
     for flag in ("train_batch_size", "eval_batch_size"):

@@ -86,9 +86,13 @@ def sample_crop_window(
     image is returned.
     """
     whole_image = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])  # (1, 1, 4): [ymin, xmin, ymax, xmax]
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
+    # The stateful op ignores `tf.random.set_seed` (its default seed=0 means "random");
+    # its stateless twin seeded from the global RNG is the same sampler and follows it.
+    seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         image_shape,
         bounding_boxes=whole_image,
+        seed=seed,
         min_object_covered=min_object_covered,
         aspect_ratio_range=aspect_ratio_range,
         area_range=area_range,

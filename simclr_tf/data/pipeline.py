@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from simclr_tf.data.augment import preprocess_for_eval, preprocess_for_train
-from simclr_tf.data.sources import Source
+from simclr_tf.data.sources import LabeledSubset, Source
 
 
 def shuffle_buffer_size(batch_size: int, image_size: int) -> int:
@@ -26,6 +26,7 @@ def build_dataset(
     cache: bool = False,
     input_context: tf.distribute.InputContext | None = None,
     shuffle_seed: int | None = None,
+    labeled_subset: LabeledSubset | None = None,
 ) -> tf.data.Dataset:
     """Batches of `{"image": float32 (num_views*B, S, S, 3) in [0, 1], "label": int32 (B,)}`.
 
@@ -39,16 +40,21 @@ def build_dataset(
     `cache` keeps the decoded uint8 images in memory (before augmentation).
     `shuffle_seed` fixes the shuffle orders, not the augmentations; training output
     order is still non-deterministic (parallel map with `deterministic=False`).
+    `labeled_subset` keeps only a fixed class-balanced subset of the (sliced) split,
+    e.g. 1% of the labels for semi-supervised fine-tuning; None or one that
+    `is_everything` reads the whole split.
     """
     if num_views < 1:
         raise ValueError(f"num_views must be >= 1, got {num_views}.")
     if not is_training and num_views != 1:
         raise ValueError("The eval pipeline is deterministic and yields one view; use num_views=1.")
 
-    # Only pass a seed when one is given, so any object following the Source
-    # protocol without a `seed` argument still works.
-    seed_kwargs = {} if shuffle_seed is None else {"seed": shuffle_seed}
-    ds = source.as_dataset(split, shuffle_files=is_training, input_context=input_context, **seed_kwargs)
+    # Only pass a seed or subset when one is given, so any object following the
+    # Source protocol without those arguments still works.
+    source_kwargs = {} if shuffle_seed is None else {"seed": shuffle_seed}
+    if labeled_subset is not None and not labeled_subset.is_everything:
+        source_kwargs["labeled_subset"] = labeled_subset
+    ds = source.as_dataset(split, shuffle_files=is_training, input_context=input_context, **source_kwargs)
     if cache:
         ds = ds.cache()
 

@@ -9,7 +9,8 @@ chosen by `get_source`:
 - anything else: a TensorFlow Datasets name, as the original code.
 
 Folder and embedded sources implement TFDS-like split slicing themselves, see
-`parse_split` and `select_indices`.
+`parse_split` and `select_indices`. Every source can further restrict a split to a
+few labels per class (semi-supervised fine-tuning), see `LabeledSubset`.
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ class Source(Protocol):
 
     `as_dataset` yields `(uint8 (H, W, 3), int64 ())` pairs, reading only this input
     pipeline's shard when `input_context` is given. `seed` (optional) fixes the
-    file-order shuffle; `build_dataset` passes it only when it has one.
+    file-order shuffle; `labeled_subset` (optional) keeps only that class-balanced
+    subset of the (sliced) split. `build_dataset` passes either only when it has one.
     """
 
     name: str
     num_classes: int
     class_names: list[str]
 
-    def num_examples(self, split: str) -> int: ...
+    def num_examples(self, split: str, labeled_subset: LabeledSubset | None = None) -> int: ...
 
     def as_dataset(
         self,
@@ -58,6 +60,7 @@ class Source(Protocol):
         shuffle_files: bool,
         input_context: tf.distribute.InputContext | None = None,
         seed: int | None = None,
+        labeled_subset: LabeledSubset | None = None,
     ) -> tf.data.Dataset: ...
 
 
@@ -154,6 +157,92 @@ def select_indices(labels: np.ndarray, spec: SplitSpec, seed: int = SPLIT_SEED) 
     return np.sort(selected).astype(np.int64)
 
 
+# --------------------------------------------------------------------------- few labels
+
+# Third seed word of the labeled-subset permutations: keeps them a different random
+# stream from the split permutations, so that with both seeds at 0 the labeled 10% of
+# an unsliced split is not simply its stratified 'train[:10%]' slice.
+_LABELED_SUBSET_STREAM = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LabeledSubset:
+    """Which labeled examples fine-tuning may use: a fixed, class-balanced subset of a split.
+
+    Per class c with n_c examples: `min(per_class, n_c)` if `per_class > 0`, else
+    `max(1, round(fraction * n_c))` (rounded half up; every class keeps one example).
+    Subsets are nested: for the same seed, a smaller subset is contained in a larger
+    one, so 1% and 10% runs compare fairly.
+
+    For ImageNet prefer the paper's exact subsets, which are plain TFDS names built
+    from the same manual download: `--dataset=imagenet2012_subset/1pct` or
+    `imagenet2012_subset/10pct` (their 'validation' split is the full ImageNet
+    validation set). They read only the chosen images, whereas a `LabeledSubset` of a
+    TFDS split reads (without decoding) all of the split's records, see `TfdsSource`.
+    """
+
+    fraction: float = 1.0  # of each class; 1.0 = all
+    per_class: int = 0  # if > 0, this many per class (overrides fraction)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.fraction <= 1:  # also rejects NaN
+            raise ValueError(
+                f"--labeled_fraction={self.fraction} must be in (0, 1], e.g. 0.01 for 1% of "
+                "each class's labels (1.0 = all)."
+            )
+        if isinstance(self.per_class, bool) or not isinstance(self.per_class, (int, np.integer)):
+            raise ValueError(f"--labeled_per_class={self.per_class!r} must be an integer count.")
+        if self.per_class < 0:
+            raise ValueError(
+                f"--labeled_per_class={self.per_class} must be 0 (use --labeled_fraction) "
+                "or a positive count per class."
+            )
+        if self.seed < 0:
+            raise ValueError(f"--labeled_seed={self.seed} must be >= 0.")
+
+    @property
+    def is_everything(self) -> bool:
+        """True when the subset keeps every example of any split."""
+        return self.per_class == 0 and self.fraction == 1.0
+
+    def count(self, class_size: int) -> int:
+        """How many of a class's `class_size` examples the subset keeps."""
+        if self.per_class > 0:
+            return min(self.per_class, class_size)
+        # Rounding fraction * n to 6 decimals first drops float noise such as
+        # 0.35 * 10 = 3.4999999999999996, which would otherwise round down.
+        return min(class_size, max(1, math.floor(round(self.fraction * class_size, 6) + 0.5)))
+
+
+def labeled_subset_indices(labels: np.ndarray, subset: LabeledSubset) -> np.ndarray:
+    """Sorted int64 indices into `labels` of the examples `subset` keeps.
+
+    Each class's examples are permuted with a seed made of (subset.seed, class) and the
+    first `subset.count(n_c)` are kept: the same inputs always give the same indices,
+    and for one seed a smaller subset is a prefix, hence a subset, of a larger one.
+    """
+    labels = np.asarray(labels)
+    if subset.is_everything:
+        return np.arange(len(labels), dtype=np.int64)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng = np.random.default_rng([subset.seed, int(label), _LABELED_SUBSET_STREAM])
+        chosen.append(rng.permutation(members)[: subset.count(len(members))])
+    selected = np.concatenate(chosen) if chosen else np.zeros([0], np.int64)
+    return np.sort(selected).astype(np.int64)
+
+
+def _apply_subset(
+    items: np.ndarray, labels: np.ndarray, subset: LabeledSubset | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if subset is None or subset.is_everything:
+        return items, labels
+    keep = labeled_subset_indices(labels, subset)
+    return items[keep], labels[keep]
+
+
 def _in_memory_dataset(
     images_or_paths: np.ndarray,
     labels: np.ndarray,
@@ -204,17 +293,20 @@ class Mnist5kSource:
         self.num_classes = 10
         self.class_names = [str(i) for i in range(10)]
 
-    def _select(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def _select(
+        self, split: str, labeled_subset: LabeledSubset | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         spec = parse_split(split)
         if spec.name not in self._SPLITS:
             raise ValueError(f"mnist5k has splits {sorted(self._SPLITS)}, not {spec.name!r}.")
         images, labels = _load_mnist5k()
         base = select_indices(labels, self._SPLITS[spec.name])
         chosen = base[select_indices(labels[base], spec)]
+        chosen, _ = _apply_subset(chosen, labels[chosen], labeled_subset)
         return images[chosen], labels[chosen]
 
-    def num_examples(self, split: str) -> int:
-        return len(self._select(split)[1])
+    def num_examples(self, split: str, labeled_subset: LabeledSubset | None = None) -> int:
+        return len(self._select(split, labeled_subset)[1])
 
     def as_dataset(
         self,
@@ -223,8 +315,9 @@ class Mnist5kSource:
         shuffle_files: bool,
         input_context: tf.distribute.InputContext | None = None,
         seed: int | None = None,
+        labeled_subset: LabeledSubset | None = None,
     ) -> tf.data.Dataset:
-        images, labels = self._select(split)
+        images, labels = self._select(split, labeled_subset)
         return _in_memory_dataset(
             images, labels, shuffle_files=shuffle_files, input_context=input_context, seed=seed
         )
@@ -315,14 +408,16 @@ class FolderSource:
             raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {split_dir!r}.")
         return np.array(paths), np.array(labels, np.int64)
 
-    def _select(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def _select(
+        self, split: str, labeled_subset: LabeledSubset | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         spec = parse_split(split)
         paths, labels = self._files(spec.name)
         chosen = select_indices(labels, spec)
-        return paths[chosen], labels[chosen]
+        return _apply_subset(paths[chosen], labels[chosen], labeled_subset)
 
-    def num_examples(self, split: str) -> int:
-        return len(self._select(split)[1])
+    def num_examples(self, split: str, labeled_subset: LabeledSubset | None = None) -> int:
+        return len(self._select(split, labeled_subset)[1])
 
     def as_dataset(
         self,
@@ -331,8 +426,9 @@ class FolderSource:
         shuffle_files: bool,
         input_context: tf.distribute.InputContext | None = None,
         seed: int | None = None,
+        labeled_subset: LabeledSubset | None = None,
     ) -> tf.data.Dataset:
-        paths, labels = self._select(split)
+        paths, labels = self._select(split, labeled_subset)
         ds = _in_memory_dataset(
             paths, labels, shuffle_files=shuffle_files, input_context=input_context, seed=seed
         )
@@ -347,8 +443,33 @@ def _short_tfds_error(error: Exception) -> str:
     return "\n".join(line for line in str(error).splitlines() if not line.startswith("\t- "))
 
 
+# Hash of a TFDS example id (`tfds_id`, '<file>__<index in file>'): int64 Fingerprint64,
+# used to test membership in a labeled subset with a sorted constant instead of a
+# string lookup table (no resource to keep alive, works when the dataset is serialised).
+_ID_HASH_BUCKETS = 2**63 - 1
+
+
+def _hash_ids(ids: tf.Tensor) -> tf.Tensor:
+    return tf.strings.to_hash_bucket_fast(ids, _ID_HASH_BUCKETS)
+
+
+def _tfds_id_order(ids: np.ndarray) -> np.ndarray:
+    """Permutation sorting `tfds_id`s by (file, index in file), whatever order TFDS read them in."""
+    parts = [i.rsplit(b"__", 1) for i in ids]
+    files = np.array([f for f, _ in parts], dtype=bytes)
+    positions = np.array([int(p) for _, p in parts], dtype=np.int64)
+    return np.lexsort((positions, files))
+
+
 class TfdsSource:
-    """A TensorFlow Datasets dataset with supervised keys (image, label)."""
+    """A TensorFlow Datasets dataset with supervised keys (image, label).
+
+    A `labeled_subset` is chosen among the split's examples in file order: the first
+    request reads every record once without decoding images to learn the labels
+    (cached per split on this object); reading then keeps the chosen examples by
+    their `tfds_id` and decodes only their images. Each pass still reads all records
+    of the split, so cache the (small) result (`build_dataset(cache=True)`).
+    """
 
     def __init__(self, name: str, data_dir: str | None = None):
         import tensorflow_datasets as tfds  # lazy: slow to import, only needed here
@@ -367,14 +488,48 @@ class TfdsSource:
         keys = builder.info.supervised_keys
         if not keys or len(keys) != 2:
             raise ValueError(f"TFDS dataset {name!r} has no (image, label) supervised keys: {keys}.")
-        label_feature = builder.info.features[keys[1]]
+        self._image_key, self._label_key = keys
+        label_feature = builder.info.features[self._label_key]
         self.name = name
         self.num_classes = int(label_feature.num_classes)
         self.class_names = list(label_feature.names)
-        self._channels = builder.info.features[keys[0]].shape[-1]
+        self._image_feature = builder.info.features[self._image_key]
+        self._channels = self._image_feature.shape[-1]
+        # split -> (id hashes, labels), both in file order; filled by `_split_labels`.
+        self._labels_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def num_examples(self, split: str) -> int:
-        return int(self._builder.info.splits[split].num_examples)
+    def _split_labels(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """int64 id hashes and labels of every example of `split`, in file order."""
+        if split not in self._labels_cache:
+            ds = self._builder.as_dataset(
+                split=split,
+                shuffle_files=False,
+                decoders={self._image_key: self._tfds.decode.SkipDecoding()},  # bytes stay bytes
+                read_config=self._tfds.ReadConfig(add_tfds_id=True),
+            )
+            ds = ds.map(lambda ex: (ex["tfds_id"], ex[self._label_key]), num_parallel_calls=tf.data.AUTOTUNE)
+            batches = list(ds.batch(8192).as_numpy_iterator())
+            ids = np.concatenate([ids for ids, _ in batches] or [np.zeros([0], bytes)])
+            labels = np.concatenate([labels for _, labels in batches] or [np.zeros([0], np.int64)])
+            # File order, not read order: TFDS interleaves files, and how may change.
+            order = _tfds_id_order(ids)
+            hashes = _hash_ids(tf.constant(ids[order], tf.string)).numpy()
+            # Membership is tested on hashes, so they must identify examples exactly.
+            if len(np.unique(hashes)) != len(hashes):
+                raise RuntimeError(
+                    f"tfds_id hashes of {self.name} {split} collide; cannot select a labeled subset."
+                )
+            self._labels_cache[split] = hashes, labels[order].astype(np.int64)
+        return self._labels_cache[split]
+
+    def _chosen_hashes(self, split: str, labeled_subset: LabeledSubset) -> np.ndarray:
+        hashes, labels = self._split_labels(split)
+        return np.sort(hashes[labeled_subset_indices(labels, labeled_subset)])
+
+    def num_examples(self, split: str, labeled_subset: LabeledSubset | None = None) -> int:
+        if labeled_subset is None or labeled_subset.is_everything:
+            return int(self._builder.info.splits[split].num_examples)
+        return len(self._chosen_hashes(split, labeled_subset))
 
     def as_dataset(
         self,
@@ -383,15 +538,58 @@ class TfdsSource:
         shuffle_files: bool,
         input_context: tf.distribute.InputContext | None = None,
         seed: int | None = None,
+        labeled_subset: LabeledSubset | None = None,
     ) -> tf.data.Dataset:
-        # TFDS reads a different subset of files per input pipeline from the context.
-        read_config = self._tfds.ReadConfig(input_context=input_context, shuffle_seed=seed)
-        ds = self._builder.as_dataset(
-            split=split, as_supervised=True, shuffle_files=shuffle_files, read_config=read_config
-        )
+        if labeled_subset is not None and not labeled_subset.is_everything:
+            ds = self._subset_dataset(split, labeled_subset, shuffle_files, input_context, seed)
+        else:
+            # TFDS reads a different subset of files per input pipeline from the context.
+            read_config = self._tfds.ReadConfig(input_context=input_context, shuffle_seed=seed)
+            ds = self._builder.as_dataset(
+                split=split, as_supervised=True, shuffle_files=shuffle_files, read_config=read_config
+            )
         if self._channels != 3:  # e.g. MNIST (28, 28, 1)
             ds = ds.map(lambda image, label: (ensure_rgb(image), label), num_parallel_calls=tf.data.AUTOTUNE)
         return ds
+
+    def _subset_dataset(
+        self,
+        split: str,
+        labeled_subset: LabeledSubset,
+        shuffle_files: bool,
+        input_context: tf.distribute.InputContext | None,
+        seed: int | None,
+    ) -> tf.data.Dataset:
+        """`(image, label)` of the chosen examples only.
+
+        Each record carries its own id through TFDS's parallel reads, so the filter
+        does not depend on read order: it stays exact with shuffled files, per-pipeline
+        file shards and the training pipeline's `deterministic=False`, where counting
+        examples in arrival order would not. Images are decoded after the filter.
+        """
+        chosen = tf.constant(self._chosen_hashes(split, labeled_subset), tf.int64)  # sorted (K,)
+        read_config = self._tfds.ReadConfig(input_context=input_context, shuffle_seed=seed, add_tfds_id=True)
+        ds = self._builder.as_dataset(
+            split=split,
+            shuffle_files=shuffle_files,
+            decoders={self._image_key: self._tfds.decode.SkipDecoding()},
+            read_config=read_config,
+        )
+
+        # searchsorted needs a non-empty table; -1 is no id's hash (hashes are >= 0).
+        chosen = chosen if chosen.shape[0] else tf.constant([-1], tf.int64)
+
+        def is_chosen(example: dict[str, tf.Tensor]) -> tf.Tensor:
+            key = _hash_ids(example["tfds_id"])[None]  # (1,)
+            position = tf.minimum(tf.searchsorted(chosen, key), chosen.shape[0] - 1)  # (1,)
+            return tf.equal(tf.gather(chosen, position), key)[0]
+
+        def decode(example: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+            image = self._image_feature.decode_example(example[self._image_key])
+            return image, tf.cast(example[self._label_key], tf.int64)
+
+        ds = ds.filter(is_chosen)
+        return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -406,6 +604,8 @@ def get_source(dataset: str, data_dir: str | None = None) -> Source:
       'folder:/path/root'  images in /path/root/<split>/<class_name>/<image files>.
       anything else        a TFDS name ('cifar10', 'imagenet2012', 'mnist:3.*.*'),
                            read from `data_dir` (prepared there if missing).
+    For few-label ImageNet use the paper's subsets, 'imagenet2012_subset/1pct' or
+    'imagenet2012_subset/10pct' (plain TFDS names), rather than a `LabeledSubset`.
     Folder and mnist5k splits accept slices like TFDS, stratified by class for
     percentages: 'train[:90%]' / 'train[90%:]' carve a validation set. `data_dir` is
     only used by TFDS.

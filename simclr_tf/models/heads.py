@@ -124,6 +124,9 @@ class ProjectionHead(keras.layers.Layer):
     layer k. The supervised head reads `hiddens[ft_proj_selector]` (0: the backbone
     features, k: after k layers, -1: the last layer); Python indexing, so
     -len(hiddens) <= ft_proj_selector < len(hiddens).
+
+    `drop_unused_layers=True` builds only the layers up to the selected one (what
+    fine-tuning keeps, as in the paper); `output` is then the selected hidden.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class ProjectionHead(keras.layers.Layer):
         ft_proj_selector: int = 0,
         batch_norm_decay: float = 0.9,
         global_bn: bool = False,
+        drop_unused_layers: bool = False,
         name: str = "projection_head",
         **kwargs,
     ):
@@ -154,6 +158,10 @@ class ProjectionHead(keras.layers.Layer):
         self.ft_proj_selector = ft_proj_selector
         self.batch_norm_decay = batch_norm_decay
         self.global_bn = global_bn
+        self.drop_unused_layers = drop_unused_layers
+        self._num_dense = num_hiddens - 1
+        # Non-negative index of the hidden the supervised head reads.
+        self.selected_index = ft_proj_selector % num_hiddens
 
         bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
         layers = []
@@ -173,6 +181,8 @@ class ProjectionHead(keras.layers.Layer):
                         **bn_args,
                     )
                 )
+        if drop_unused_layers:
+            layers = layers[: self.selected_index]
         self.linear_layers = tuple(layers)  # see resnet._TRACKING_NOTE
         self.trainable = trainable  # after the sub-layers exist, so it reaches them
 
@@ -186,7 +196,8 @@ class ProjectionHead(keras.layers.Layer):
         hiddens = [inputs]
         for j, layer in enumerate(self.linear_layers):
             x = layer(hiddens[-1], training=training)
-            if self.mode == "nonlinear" and j != len(self.linear_layers) - 1:
+            # Middle layers of the full head have a ReLU, also when later ones are dropped.
+            if self.mode == "nonlinear" and j != self._num_dense - 1:
                 x = ops.relu(x)
             hiddens.append(x)
         return hiddens[-1], hiddens
@@ -199,7 +210,7 @@ class ProjectionHead(keras.layers.Layer):
 
     def supervised_input_shape(self, input_shape) -> tuple:
         """Shape of `hiddens[ft_proj_selector]` for inputs of `input_shape`."""
-        return self.compute_output_shape(input_shape)[1][self.ft_proj_selector]
+        return self.compute_output_shape(input_shape)[1][self.selected_index]
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -210,6 +221,7 @@ class ProjectionHead(keras.layers.Layer):
             ft_proj_selector=self.ft_proj_selector,
             batch_norm_decay=self.batch_norm_decay,
             global_bn=self.global_bn,
+            drop_unused_layers=self.drop_unused_layers,
         )
         return config
 

@@ -47,6 +47,8 @@ class SimCLRModel(keras.Model):
             head; the supervised head reads projection hidden `ft_proj_selector`.
         stop_gradient_to_supervised_head: stop gradients from the supervised head into
             the backbone and projection head (linear evaluation during pretraining).
+        drop_unused_projection_layers: build only the projection layers below the
+            supervised head's input (fine-tuning and distillation, as the paper).
         fine_tune_after_block: -1 trains everything; 0 freezes the stem; k in 1..3 the
             stem and block_group1..k; 4 the whole backbone.
         zero_init_logits_layer: zero-initialise the supervised head's kernel.
@@ -71,6 +73,7 @@ class SimCLRModel(keras.Model):
         stop_gradient_to_supervised_head: bool = False,
         fine_tune_after_block: int = -1,
         zero_init_logits_layer: bool = False,
+        drop_unused_projection_layers: bool = False,
         name: str = "simclr_model",
         **kwargs,
     ):
@@ -98,6 +101,7 @@ class SimCLRModel(keras.Model):
         self.stop_gradient_to_supervised_head = stop_gradient_to_supervised_head
         self.fine_tune_after_block = fine_tune_after_block
         self.zero_init_logits_layer = zero_init_logits_layer
+        self.drop_unused_projection_layers = drop_unused_projection_layers
 
         bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
         self.backbone = ResNet(
@@ -115,6 +119,7 @@ class SimCLRModel(keras.Model):
             out_dim=proj_out_dim,
             num_layers=num_proj_layers,
             ft_proj_selector=ft_proj_selector,
+            drop_unused_layers=drop_unused_projection_layers,
             name="projection_head",
             **bn_args,
         )
@@ -136,7 +141,7 @@ class SimCLRModel(keras.Model):
         outputs = dict(self.backbone(images, training=training))
         features = outputs["final_avg_pool"]  # (N, C)
         proj_output, hiddens = self.projection_head(features, training=training)
-        supervised_input = hiddens[self.ft_proj_selector]
+        supervised_input = hiddens[self.projection_head.selected_index]
         if self.stop_gradient_to_supervised_head:
             supervised_input = ops.stop_gradient(supervised_input)
         outputs["proj_head_input"] = features
@@ -164,6 +169,7 @@ class SimCLRModel(keras.Model):
             stop_gradient_to_supervised_head=self.stop_gradient_to_supervised_head,
             fine_tune_after_block=self.fine_tune_after_block,
             zero_init_logits_layer=self.zero_init_logits_layer,
+            drop_unused_projection_layers=self.drop_unused_projection_layers,
         )
         return config
 
@@ -178,6 +184,7 @@ def build_model(
     num_classes: int | None,
     stop_gradient_to_supervised_head: bool = False,
     global_bn: bool | None = None,
+    drop_unused_projection_layers: bool = False,
 ) -> SimCLRModel:
     """A `SimCLRModel` from a `ModelConfig`, built for `config.image_size` inputs.
 
@@ -200,6 +207,7 @@ def build_model(
         stop_gradient_to_supervised_head=stop_gradient_to_supervised_head,
         fine_tune_after_block=config.fine_tune_after_block,
         zero_init_logits_layer=config.zero_init_logits_layer,
+        drop_unused_projection_layers=drop_unused_projection_layers,
     )
     model.build((None, config.image_size, config.image_size, 3))
     return model

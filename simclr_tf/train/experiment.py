@@ -1,7 +1,14 @@
-"""What a run is made of: data source, derived step counts, model, datasets.
+"""What a run is made of: data source, derived step counts, models, datasets, loss.
 
 `Experiment.create(config, model_dir)` resolves everything that depends on the data
 (example counts, steps, classes) once, so train, eval and tests share one view of it.
+The train modes differ only here: which model, which datasets, which loss.
+
+| train_mode | model (supervised head reads --ft_proj_selector)  | data per step                  | loss |
+| pretrain   | full projection head (+ stop-gradient linear head) | 2 SimCLR views, all of train   | NT-Xent (+ linear CE) |
+| finetune   | projection layers up to the selector + head        | 1 crop/flip view, labeled subset | CE |
+| supervised | as finetune, from scratch                         | as finetune                     | CE |
+| distill    | as finetune (student); teacher frozen             | 1 view of all of train (+ labeled) | teacher soft labels (+ CE) |
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ import tensorflow as tf
 from simclr_tf import config as config_lib
 from simclr_tf import data as data_lib
 from simclr_tf import models
-from simclr_tf.config import Config
+from simclr_tf.config import Config, ModelConfig
 from simclr_tf.distribute import build_strategy
+from simclr_tf.train import checkpoints
 from simclr_tf.train import steps as steps_lib
+
+# Modes that train on the labeled subset of the train split.
+LABELED_MODES = ("finetune", "supervised")
 
 
 @dataclasses.dataclass
@@ -38,9 +49,23 @@ class Experiment:
     def create(
         cls, config: Config, model_dir: str, strategy: tf.distribute.Strategy | None = None
     ) -> "Experiment":
+        config_lib.validate(config)
+        train_mode = config.train.train_mode
+        if (
+            train_mode == "finetune"
+            and config.train.mode != "eval"
+            and not config.train.checkpoint
+            and not tf.train.latest_checkpoint(model_dir)
+        ):
+            raise ValueError(
+                "--train_mode=finetune needs --checkpoint (a pretraining model_dir or checkpoint) "
+                "when --model_dir holds no checkpoint; use --train_mode=supervised to train "
+                "from scratch."
+            )
         strategy = strategy or build_strategy(config.runtime)
         source = data_lib.get_source(config.data.dataset, config.data.data_dir)
-        num_train = source.num_examples(config.data.train_split)
+        subset = labeled_subset(config) if train_mode in LABELED_MODES else None
+        num_train = source.num_examples(config.data.train_split, labeled_subset=subset)
         num_eval = source.num_examples(config.data.eval_split)
         replicas = strategy.num_replicas_in_sync
         for flag in ("train_batch_size", "eval_batch_size"):
@@ -70,16 +95,18 @@ class Experiment:
             checkpoint_steps=config_lib.checkpoint_steps_for(config, num_train),
         )
         logging.info(
-            "Dataset %s: %d train examples (%s), %d eval examples (%s), %d classes; "
+            "%s on %s: %d train examples (%s%s), %d eval examples (%s), %d classes; "
             "%d train steps (%d warm-up), checkpoint every %d, %d replica(s)",
+            train_mode,
             source.name,
             num_train,
             config.data.train_split,
+            "" if subset is None or subset.is_everything else ", labeled subset",
             num_eval,
             config.data.eval_split,
             source.num_classes,
-            experiment.train_steps,
-            experiment.warmup_steps,
+            train_steps,
+            warmup_steps,
             experiment.checkpoint_steps,
             replicas,
         )
@@ -89,55 +116,111 @@ class Experiment:
     def train_mode(self) -> str:
         return self.config.train.train_mode
 
+    @property
+    def pretraining(self) -> bool:
+        return self.train_mode == "pretrain"
+
     def has_supervised_head(self) -> bool:
-        return self.train_mode != "pretrain" or self.config.train.lineareval_while_pretraining
+        return not self.pretraining or self.config.train.lineareval_while_pretraining
 
     def build_model(self) -> keras.Model:
-        """The model for this train mode, built (variables created); call under the strategy scope."""
-        cfg = self.config
-        model = models.build_model(
-            cfg.model,
+        """The trained model for this mode, built; call under the strategy scope."""
+        return self._build(
+            self.config.model,
             num_classes=self.source.num_classes if self.has_supervised_head() else None,
-            # Linear eval while pretraining must not shape the representation.
-            stop_gradient_to_supervised_head=self.train_mode == "pretrain",
-            # Synchronising a single replica's statistics only costs time.
-            global_bn=cfg.model.global_bn and self.strategy.num_replicas_in_sync > 1,
         )
-        size = cfg.model.image_size
-        model(tf.zeros([1, size, size, 3]), training=False)
-        return model
+
+    def build_teacher(self) -> keras.Model:
+        """The distillation teacher, restored in full and frozen; call under the strategy scope."""
+        distill = self.config.distill
+        path = checkpoints.resolve_checkpoint_path(distill.teacher_checkpoint)
+        teacher = self._build(teacher_model_config(self.config), num_classes=self.source.num_classes)
+        checkpoints.restore_model_weights(teacher, path, exact=True)
+        teacher.trainable = False
+        logging.info("Teacher restored from %s", path)
+        return teacher
+
+    def _build(self, model_config: ModelConfig, num_classes: int | None) -> keras.Model:
+        return models.build_model(
+            model_config,
+            num_classes=num_classes,
+            # Linear eval while pretraining must not shape the representation.
+            stop_gradient_to_supervised_head=self.pretraining,
+            # Fine-tuned models keep the projection layers below the classifier only.
+            drop_unused_projection_layers=not self.pretraining,
+            # Synchronising a single replica's statistics only costs time.
+            global_bn=model_config.global_bn and self.strategy.num_replicas_in_sync > 1,
+        )
 
     def loss_fn(self) -> steps_lib.LossFn:
-        if self.train_mode == "pretrain":
-            return steps_lib.PretrainLoss(
-                temperature=self.config.train.temperature, hidden_norm=self.config.train.hidden_norm
-            )
-        if self.train_mode == "finetune":
+        train = self.config.train
+        if self.pretraining:
+            return steps_lib.PretrainLoss(temperature=train.temperature, hidden_norm=train.hidden_norm)
+        if self.train_mode in LABELED_MODES:
             return steps_lib.FinetuneLoss()
-        raise ValueError(f"--train_mode={self.train_mode} is not supported yet")
+        with self.strategy.scope():
+            teacher = self.build_teacher()
+        return steps_lib.DistillLoss(
+            teacher=teacher,
+            temperature=self.config.distill.distill_temperature,
+            label_weight=self.config.distill.distill_label_weight,
+        )
 
-    def train_dataset(self, per_replica_batch_size: int | None = None) -> tf.distribute.DistributedDataset:
-        cfg = self.config
-        pretraining = self.train_mode == "pretrain"
+    def train_dataset(self) -> tf.distribute.DistributedDataset:
+        global_batch = self.config.train.train_batch_size
 
         def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-            return data_lib.build_dataset(
-                self.source,
-                split=cfg.data.train_split,
-                batch_size=per_replica_batch_size
-                or context.get_per_replica_batch_size(cfg.train.train_batch_size),
-                is_training=True,
-                num_views=2 if pretraining else 1,
-                image_size=cfg.model.image_size,
-                # Fine-tuning augments with crop and flip only, as the paper.
-                color_jitter_strength=cfg.data.color_jitter_strength if pretraining else 0.0,
-                use_blur=cfg.data.use_blur and pretraining,
-                cache=cfg.data.cache_dataset,
-                input_context=context,
-                shuffle_seed=cfg.train.seed,
-            )
+            batch_size = context.get_per_replica_batch_size(global_batch)
+            return self.replica_train_dataset(batch_size, context)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def replica_train_dataset(
+        self, batch_size: int, context: tf.distribute.InputContext | None = None
+    ) -> tf.data.Dataset:
+        """One replica's training batches, as the step function of this mode expects them."""
+        cfg = self.config
+        if self.pretraining:
+            return self._training_batches(
+                batch_size, context, num_views=2,
+                color_jitter_strength=cfg.data.color_jitter_strength, use_blur=cfg.data.use_blur,
+            )
+        # Fine-tuning and distillation augment with crop and flip only, as the paper.
+        if self.train_mode in LABELED_MODES:
+            return self._training_batches(batch_size, context, subset=labeled_subset(cfg))
+        unlabeled = self._training_batches(batch_size, context)
+        if cfg.distill.distill_label_weight <= 0:
+            return unlabeled
+        labeled = self._training_batches(batch_size, context, subset=labeled_subset(cfg))
+        return tf.data.Dataset.zip(unlabeled, labeled).map(
+            lambda u, l: {**u, "labeled_image": l["image"], "labeled_label": l["label"]}
+        )
+
+    def _training_batches(
+        self,
+        batch_size: int,
+        context: tf.distribute.InputContext | None,
+        *,
+        num_views: int = 1,
+        color_jitter_strength: float = 0.0,
+        use_blur: bool = False,
+        subset: data_lib.LabeledSubset | None = None,
+    ) -> tf.data.Dataset:
+        cfg = self.config
+        return data_lib.build_dataset(
+            self.source,
+            split=cfg.data.train_split,
+            batch_size=batch_size,
+            is_training=True,
+            num_views=num_views,
+            image_size=cfg.model.image_size,
+            color_jitter_strength=color_jitter_strength,
+            use_blur=use_blur,
+            cache=cfg.data.cache_dataset,
+            input_context=context,
+            shuffle_seed=cfg.train.seed,
+            labeled_subset=subset,
+        )
 
     def eval_dataset(self, split: str) -> tf.distribute.DistributedDataset:
         cfg = self.config
@@ -160,24 +243,56 @@ class Experiment:
 
     def augmented_examples(self, count: int = 4) -> tf.Tensor:
         """A few training inputs as the model sees them, views side by side: (count*views, H, W, 3)."""
-        cfg = self.config
-        pretraining = self.train_mode == "pretrain"
-        dataset = data_lib.build_dataset(
-            self.source,
-            split=cfg.data.train_split,
-            batch_size=count,
-            is_training=True,
-            num_views=2 if pretraining else 1,
-            image_size=cfg.model.image_size,
-            color_jitter_strength=cfg.data.color_jitter_strength if pretraining else 0.0,
-            use_blur=cfg.data.use_blur and pretraining,
-            cache=False,
-        )
-        images = next(iter(dataset))["image"]  # (views*count, H, W, 3), view-major
+        images = next(iter(self.replica_train_dataset(count)))["image"]  # view-major
         views = images.shape[0] // count
         # Interleave so each example's views are neighbours: (count, views, H, W, 3).
         images = tf.reshape(images, [views, count, *images.shape[1:]])
         return tf.reshape(tf.transpose(images, [1, 0, 2, 3, 4]), [-1, *images.shape[2:]])
+
+
+def labeled_subset(config: Config) -> data_lib.LabeledSubset:
+    d = config.data
+    return data_lib.LabeledSubset(
+        fraction=d.labeled_fraction, per_class=d.labeled_per_class, seed=d.labeled_seed
+    )
+
+
+TEACHER_FIELDS = (
+    "resnet_depth",
+    "width_multiplier",
+    "sk_ratio",
+    "se_ratio",
+    "proj_head_mode",
+    "num_proj_layers",
+    "proj_out_dim",
+    "ft_proj_selector",
+)
+
+
+def teacher_model_config(config: Config) -> ModelConfig:
+    """The teacher's architecture: --teacher_* flags, else its run's config.json, else the student's."""
+    base = config.model
+    saved = read_saved_model_config(config.distill.teacher_checkpoint)
+    base = dataclasses.replace(base, **{f: saved[f] for f in TEACHER_FIELDS if f in saved})
+    overrides = {
+        field: getattr(config.distill, f"teacher_{field}")
+        for field in TEACHER_FIELDS
+        if getattr(config.distill, f"teacher_{field}") is not None
+    }
+    # The teacher is only evaluated: never frozen in part, whatever the student does.
+    return dataclasses.replace(base, **overrides, fine_tune_after_block=-1)
+
+
+def read_saved_model_config(checkpoint: str | None) -> dict:
+    """The "model" section of the config.json `save_config` wrote next to a checkpoint ({} if none)."""
+    if not checkpoint:
+        return {}
+    directory = checkpoint if tf.io.gfile.isdir(checkpoint) else os.path.dirname(checkpoint)
+    path = os.path.join(directory, "config.json")
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f).get("model", {})
 
 
 def write_json(path: str, values: dict) -> None:

@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 
 from simclr_tf.config import Config
+from simclr_tf.train import checkpoints
 from simclr_tf.train import evaluation
 from simclr_tf.train import trainer
 from simclr_tf.train.experiment import Experiment, save_config
@@ -49,8 +50,7 @@ def evaluate_continuously(experiment: Experiment, timeout_secs: float | None = N
 
 def restore_model_for_eval(model: keras.Model, path: str) -> int:
     """Restores the model's weights (all of them, or fails) and returns the checkpoint's step."""
-    status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
-    status.assert_existing_objects_matched()
+    checkpoints.restore_model_weights(model, path, exact=True)
     match = _CHECKPOINT_STEP.search(path)
     if match is None:
         raise ValueError(f"Cannot read the step from checkpoint name {path} (expected ckpt-<step>)")

@@ -21,6 +21,7 @@ LossFn = Callable[[keras.Model, Batch], tuple[tf.Tensor, Metrics]]
 
 CONTRASTIVE_METRICS = ("contrast_loss", "contrast_acc", "contrast_entropy")
 SUPERVISED_METRICS = ("supervised_loss", "supervised_acc")
+DISTILL_METRICS = ("distill_loss", "distill_agreement")
 # Added by `train_step` for every mode.
 STEP_METRICS = ("total_loss", "weight_decay")
 
@@ -55,7 +56,7 @@ class PretrainLoss:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneLoss:
-    """Cross-entropy on the labeled batch."""
+    """Cross-entropy on the labeled batch (finetune, and supervised from scratch)."""
 
     def metric_names(self, model: keras.Model) -> tuple[str, ...]:
         return SUPERVISED_METRICS + STEP_METRICS
@@ -63,6 +64,41 @@ class FinetuneLoss:
     def __call__(self, model: keras.Model, batch: Batch) -> tuple[tf.Tensor, Metrics]:
         outputs = model(batch["image"], training=True)
         return losses.supervised_loss(labels=batch["label"], logits=outputs["logits_sup"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillLoss:
+    """SimCLRv2 distillation: the student matches the frozen teacher's softmax at `temperature`.
+
+    With `label_weight` w > 0 the batch also holds a labeled part and the loss is
+    (1 - w) * distillation + w * cross-entropy on the labeled examples.
+    """
+
+    teacher: keras.Model
+    temperature: float
+    label_weight: float = 0.0
+
+    def metric_names(self, model: keras.Model) -> tuple[str, ...]:
+        labeled = SUPERVISED_METRICS if self.label_weight > 0 else ()
+        return DISTILL_METRICS + labeled + STEP_METRICS
+
+    def __call__(self, model: keras.Model, batch: Batch) -> tuple[tf.Tensor, Metrics]:
+        unlabeled = batch["image"]  # (B, H, W, 3); its labels are never used
+        teacher_logits = self.teacher(unlabeled, training=False)["logits_sup"]
+        if self.label_weight <= 0:
+            student_logits = model(unlabeled, training=True)["logits_sup"]
+            return losses.distillation_loss(
+                teacher_logits=teacher_logits, student_logits=student_logits, temperature=self.temperature
+            )
+        # One student pass over both parts, so batch norm sees them together.
+        logits = model(tf.concat([unlabeled, batch["labeled_image"]], axis=0), training=True)["logits_sup"]
+        student_logits, labeled_logits = tf.split(logits, [tf.shape(unlabeled)[0], -1], axis=0)
+        distill, metrics = losses.distillation_loss(
+            teacher_logits=teacher_logits, student_logits=student_logits, temperature=self.temperature
+        )
+        labeled, labeled_metrics = losses.supervised_loss(labels=batch["labeled_label"], logits=labeled_logits)
+        metrics.update(labeled_metrics)
+        return (1.0 - self.label_weight) * distill + self.label_weight * labeled, metrics
 
 
 def train_step(

@@ -25,12 +25,13 @@ class NonFiniteLossError(FloatingPointError):
 class TrainState:
     model: tf.Module
     optimizer: tf.Module
+    loss_fn: steps_lib.LossFn  # holds the frozen teacher when distilling
     manager: tf.train.CheckpointManager
     restore_report: checkpoints.RestoreReport
 
 
 def build_train_state(experiment: Experiment) -> TrainState:
-    """Model, optimizer and checkpoint manager, restored by `checkpoints.restore` priority."""
+    """Model, optimizer, loss and checkpoint manager, restored by `checkpoints.restore` priority."""
     cfg = experiment.config
     with experiment.strategy.scope():
         model = experiment.build_model()
@@ -49,13 +50,14 @@ def build_train_state(experiment: Experiment) -> TrainState:
         )
         # Slots must exist before restoring, so the restore can be checked in full.
         optimizer.build(model.trainable_variables)
+    # Only the trained model and its optimizer are checkpointed, never a teacher.
     manager = checkpoints.make_manager(model, optimizer, experiment.model_dir, cfg.train.keep_checkpoint_max)
     report = checkpoints.restore(
         manager,
         init_checkpoint=cfg.train.checkpoint,
         zero_init_logits_layer=cfg.model.zero_init_logits_layer,
     )
-    return TrainState(model, optimizer, manager, report)
+    return TrainState(model, optimizer, experiment.loss_fn(), manager, report)
 
 
 def train(experiment: Experiment, state: TrainState | None = None) -> TrainState:
@@ -63,8 +65,7 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
     cfg = experiment.config
     strategy = experiment.strategy
     state = state or build_train_state(experiment)
-    model, optimizer = state.model, state.optimizer
-    loss_fn = experiment.loss_fn()
+    model, optimizer, loss_fn = state.model, state.optimizer, state.loss_fn
     with strategy.scope():
         metrics = MeanMetrics(loss_fn.metric_names(model), prefix="train")
     step_fn = functools.partial(

@@ -159,6 +159,22 @@ def test_sampled_crop_windows_respect_area_and_aspect_ranges():
     assert len(np.unique(oy)) > 50 and len(np.unique(ox)) > 50
 
 
+def test_random_views_follow_tf_random_set_seed():
+    image = tf.constant(_rng_image((40, 30, 3)))
+
+    def draws():
+        tf.random.set_seed(7)
+        return [
+            augment.preprocess_for_train(image, 24, color_jitter_strength=1.0, use_blur=True).numpy()
+            for _ in range(4)
+        ]
+
+    first, second = draws(), draws()
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], first[1])  # still a new draw per call
+
+
 def test_crop_and_resize_reads_the_requested_window():
     # Left half black, right half white: a window inside the right half is all white.
     probe = np.zeros([40, 40, 3], np.uint8)

@@ -401,3 +401,24 @@ def test_outputs_match_original_with_its_weights():
     assert len(compared) == 10  # all stages, both heads
     for key in compared:
         np.testing.assert_allclose(outputs[key], reference[key], rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+@pytest.mark.parametrize("selector,kept", [(0, 0), (1, 1), (2, 2), (-1, 3), (-2, 2)])
+def test_dropping_unused_projection_layers_keeps_the_selected_hidden(selector, kept):
+    # Fine-tuning keeps the projection layers below the classifier (the paper's recipe).
+    full = _tiny(ft_proj_selector=selector, num_proj_layers=3)
+    _randomize(full)
+    trimmed = _tiny(ft_proj_selector=selector, num_proj_layers=3, drop_unused_projection_layers=True)
+    assert len(trimmed.projection_head.linear_layers) == kept
+    values = {v.path: v for v in full.weights}
+    for v in trimmed.weights:
+        v.assign(values[v.path])  # every trimmed variable exists in the full model
+    x = _images()
+    want = full(x, training=False)
+    got = trimmed(x, training=False)
+    np.testing.assert_allclose(got["supervised_head_input"], want["supervised_head_input"], rtol=1e-5)
+    np.testing.assert_allclose(got["logits_sup"], want["logits_sup"], rtol=1e-5, atol=1e-6)
+    # With layers dropped, the projection output is the selected hidden itself.
+    np.testing.assert_allclose(got["proj_head_output"], got["supervised_head_input"])
+    round_trip = SimCLRModel.from_config(trimmed.get_config())
+    assert round_trip.drop_unused_projection_layers and len(round_trip.projection_head.linear_layers) == kept

@@ -53,6 +53,8 @@ def test_pretrain_with_linear_eval_end_to_end(tmp_path):
     assert set(on_disk) == {
         "eval/label_top_1_accuracy",
         "eval/label_top_5_accuracy",
+        "eval/knn_top_1_accuracy",
+        "eval/knn_top_5_accuracy",
         "eval/regularization_loss",
         "global_step",
     }
@@ -65,6 +67,15 @@ def test_pretrain_with_linear_eval_end_to_end(tmp_path):
         "train/augmented_views", "eval/label_top_1_accuracy", "eval/regularization_loss",
     }
     assert expected <= summary_tags(tmp_path)
+
+
+def test_pretrain_on_an_image_folder_with_a_carved_validation_split(tmp_path, cifar10_root):
+    config = tiny_config(
+        data={"dataset": f"folder:{cifar10_root}", "train_split": "train[:64]", "eval_split": "train[99%:]"},
+        train={"knn_eval": False, "eval_steps": 1},
+    )
+    result = train_and_evaluate(config, str(tmp_path))
+    assert result["global_step"] == 2 and 0.0 <= result["eval/label_top_1_accuracy"] <= 1.0
 
 
 def test_pretrain_without_linear_head_evaluates_with_knn(tmp_path):
@@ -95,26 +106,143 @@ def test_eval_mode_evaluates_existing_checkpoints_until_the_final_step(tmp_path)
     assert (tmp_path / "result_2.json").exists()
 
 
-def test_finetune_from_a_pretraining_checkpoint(tmp_path):
-    pretrain_dir, finetune_dir = tmp_path / "pretrain", tmp_path / "finetune"
-    train_and_evaluate(tiny_config(train={"mode": "train"}), str(pretrain_dir))
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    """A 2-step pretraining run shared by the finetune and distill tests."""
+    model_dir = tmp_path_factory.mktemp("pretrain")
+    train_and_evaluate(tiny_config(train={"mode": "train"}), str(model_dir))
+    return model_dir
+
+
+def finetune_config(checkpoint, **overrides) -> Config:
     config = tiny_config(
-        train={"train_mode": "finetune", "checkpoint": str(pretrain_dir)},
+        train={"train_mode": "finetune", "checkpoint": str(checkpoint), "knn_eval": False},
+        optim={"optimizer": "momentum", "learning_rate": 0.1, "warmup_epochs": 0},
+        data={"labeled_per_class": 2},
+    )
+    return config.replace(**overrides)
+
+
+def backbone_state(model) -> dict[str, np.ndarray]:
+    return {v.path: v.numpy().copy() for v in model.backbone.weights}
+
+
+def test_finetune_from_a_pretraining_checkpoint(tmp_path, pretrained_dir):
+    config = finetune_config(pretrained_dir, model={"ft_proj_selector": 1})
+    experiment = Experiment.create(config, str(tmp_path))
+    assert experiment.num_train_examples == 20  # 2 labels per class, 10 classes
+    state = trainer.build_train_state(experiment)
+    report = state.restore_report
+    assert report.source == "checkpoint" and not report.match.missing
+    # One projection layer kept, the other one left in the checkpoint.
+    assert len(state.model.projection_head.linear_layers) == 1
+    assert any("linear_layers/1" in p for p in report.match.unused)
+    before = backbone_state(state.model)
+    trainer.train(experiment, state)
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+    after = backbone_state(state.model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_linear_eval_changes_no_backbone_weight_or_statistic(tmp_path, pretrained_dir):
+    config = finetune_config(pretrained_dir, model={"fine_tune_after_block": 4}, train={"mode": "train"})
+    experiment = Experiment.create(config, str(tmp_path))
+    state = trainer.build_train_state(experiment)
+    before = backbone_state(state.model)
+    head_before = [v.numpy().copy() for v in state.model.supervised_head.weights]
+    assert not state.model.backbone.trainable_weights
+    trainer.train(experiment, state)
+    after = backbone_state(state.model)
+    assert any("moving_mean" in k for k in before)
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(head_before, state.model.supervised_head.weights))
+
+
+def test_finetune_without_a_checkpoint_is_refused(tmp_path):
+    config = finetune_config(None).replace(train={"checkpoint": None})
+    with pytest.raises(ValueError, match="--checkpoint"):
+        Experiment.create(config, str(tmp_path))
+
+
+def test_supervised_baseline_trains_from_scratch_on_few_labels(tmp_path):
+    config = tiny_config(
+        train={"train_mode": "supervised", "knn_eval": False},
+        optim={"optimizer": "momentum", "learning_rate": 0.1},
+        data={"labeled_fraction": 0.01},
+    )
+    result = train_and_evaluate(config, str(tmp_path))
+    assert result["global_step"] == 2 and "eval/label_top_1_accuracy" in result
+    assert Experiment.create(config, str(tmp_path)).num_train_examples == 10  # >= 1 per class
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, pretrained_dir):
+    """A fine-tuned teacher (2 steps) whose config.json describes its architecture."""
+    model_dir = tmp_path_factory.mktemp("teacher")
+    train_and_evaluate(finetune_config(pretrained_dir, train={"mode": "train"}), str(model_dir))
+    return model_dir
+
+
+def distill_config(teacher, **overrides) -> Config:
+    config = tiny_config(
+        train={"train_mode": "distill", "knn_eval": False},
+        distill={"teacher_checkpoint": str(teacher), "distill_temperature": 2.0},
         optim={"optimizer": "momentum", "learning_rate": 0.1},
     )
-    experiment = Experiment.create(config, str(finetune_dir))
+    return config.replace(**overrides)
+
+
+def test_distillation_never_changes_the_teacher(tmp_path, teacher_dir):
+    experiment = Experiment.create(distill_config(teacher_dir), str(tmp_path))
     state = trainer.build_train_state(experiment)
-    assert state.restore_report.source == "checkpoint"
-    pretrained = tf.train.load_checkpoint(str(pretrain_dir))
-    first_kernel = state.model.backbone.trainable_variables[0]
-    matches = [
-        name for name in pretrained.get_variable_to_shape_map()
-        if pretrained.get_variable_to_shape_map()[name] == list(first_kernel.shape)
-        and np.allclose(pretrained.get_tensor(name), first_kernel.numpy())
-    ]
-    assert matches, "the backbone was not initialised from the pretraining checkpoint"
+    teacher = state.loss_fn.teacher
+    assert not teacher.trainable_weights
+    teacher_before = [v.numpy().copy() for v in teacher.weights]
+    stored = tf.train.load_checkpoint(str(teacher_dir))
+    student_before = [v.numpy().copy() for v in state.model.trainable_weights]
     trainer.train(experiment, state)
-    assert tf.train.latest_checkpoint(str(finetune_dir)).endswith("ckpt-2")
+    for before, variable in zip(teacher_before, teacher.weights):
+        np.testing.assert_array_equal(before, variable.numpy(), err_msg=variable.path)
+    assert any(not np.array_equal(b, v.numpy()) for b, v in zip(student_before, state.model.trainable_weights))
+    # The student's checkpoint holds the student only.
+    student = tf.train.load_checkpoint(str(tmp_path))
+    assert len(student.get_variable_to_shape_map()) < 2 * len(stored.get_variable_to_shape_map())
+    assert not any("teacher" in key for key in student.get_variable_to_shape_map())
+
+
+def test_big_to_small_distillation_with_labels(tmp_path):
+    # A wider teacher, trained with labels; its architecture is read from its config.json.
+    teacher_dir = tmp_path / "teacher"
+    teacher_config = tiny_config(
+        model={"width_multiplier": 0.5},
+        train={"train_mode": "supervised", "mode": "train"},
+        optim={"optimizer": "momentum", "learning_rate": 0.1},
+    )
+    train_and_evaluate(teacher_config, str(teacher_dir))
+    config = distill_config(
+        teacher_dir, distill={"distill_label_weight": 0.5}, data={"labeled_per_class": 1}
+    )
+    experiment = Experiment.create(config, str(tmp_path / "student"))
+    state = trainer.build_train_state(experiment)
+    assert state.loss_fn.teacher.backbone.width_multiplier == 0.5
+    assert state.model.backbone.width_multiplier == 0.25
+    assert "supervised_acc" in state.loss_fn.metric_names(state.model)
+    trainer.train(experiment, state)
+    assert tf.train.latest_checkpoint(str(tmp_path / "student")).endswith("ckpt-2")
+
+
+def test_self_distillation_starts_from_the_pretrained_student(tmp_path, teacher_dir, pretrained_dir):
+    config = distill_config(teacher_dir, train={"checkpoint": str(pretrained_dir), "mode": "train"})
+    state = trainer.build_train_state(Experiment.create(config, str(tmp_path)))
+    assert state.restore_report.source == "checkpoint" and not state.restore_report.match.missing
+
+
+def test_distill_teacher_of_another_architecture_is_rejected(tmp_path, teacher_dir):
+    config = distill_config(teacher_dir, distill={"teacher_resnet_depth": 34})
+    experiment = Experiment.create(config, str(tmp_path))
+    with pytest.raises(Exception, match="missing from the checkpoint"):
+        trainer.build_train_state(experiment)
 
 
 def test_non_finite_loss_stops_without_checkpointing(tmp_path):
