@@ -7,7 +7,6 @@ Paper-scale settings live in `flags/*.cfg` recipes (`--flagfile=flags/<recipe>.c
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -46,6 +45,7 @@ flags.DEFINE_bool("cache_dataset", _d.data.cache_dataset, "Cache the decoded dat
 flags.DEFINE_integer("image_size", _d.model.image_size, "Input image size; <= 32 selects the CIFAR stem (3x3 conv, no max-pool).")
 flags.DEFINE_float("color_jitter_strength", _d.data.color_jitter_strength, "The strength of colour jittering.")
 flags.DEFINE_bool("use_blur", _d.data.use_blur, "Whether or not to use Gaussian blur for augmentation during pretraining.")
+flags.DEFINE_bool("skip_bad_images", _d.data.skip_bad_images, "Image folders: skip files that cannot be decoded (each is logged with a running count) instead of stopping with an error that names the file.")
 flags.DEFINE_float("labeled_fraction", _d.data.labeled_fraction, "Fraction of each class's labels used by finetune / supervised / distill (e.g. 0.01 or 0.1); 1.0 = all. A fixed, class-balanced subset of --train_split.")
 flags.DEFINE_integer("labeled_per_class", _d.data.labeled_per_class, "If > 0, use this many labeled examples per class instead of --labeled_fraction.")
 flags.DEFINE_integer("labeled_seed", _d.data.labeled_seed, "Seed choosing the labeled subset (nested: 1% is inside 10% for the same seed).")
@@ -53,13 +53,13 @@ flags.DEFINE_integer("labeled_seed", _d.data.labeled_seed, "Seed choosing the la
 flags.DEFINE_enum("mode", _d.train.mode, list(config_lib.MODES), "Whether to train, evaluate (following new checkpoints), or both.")
 flags.DEFINE_enum("train_mode", _d.train.train_mode, list(config_lib.TRAIN_MODES), "pretrain (contrastive), finetune (labels, from --checkpoint), distill (a teacher's soft labels) or supervised (labels, from scratch).")
 flags.DEFINE_bool("lineareval_while_pretraining", _d.train.lineareval_while_pretraining, "Train a linear head on stop-gradient features while pretraining.")
-flags.DEFINE_string("checkpoint", _d.train.checkpoint, "Checkpoint (prefix or directory) to initialise from when model_dir holds none, e.g. a pretraining run for fine-tuning.")
+flags.DEFINE_string("checkpoint", _d.train.checkpoint, "Checkpoint (prefix or directory) to initialise from when model_dir holds none, e.g. a pretraining run for fine-tuning; with --mode=eval it is evaluated once. Original SimCLR checkpoints: convert them with tools/convert_checkpoint.py.")
 flags.DEFINE_bool("zero_init_logits_layer", _d.model.zero_init_logits_layer, "Zero-initialise the supervised head after restoring --checkpoint.")
 flags.DEFINE_integer("fine_tune_after_block", _d.model.fine_tune_after_block, "Fine-tune the layers after this block: -1 everything, 0 after the stem, 1-3 after that block group, 4 just the linear head.")
 flags.DEFINE_string("model_dir", None, "Directory for checkpoints, summaries, flags.json and result.json. Default: runs/<train_mode>_<dataset>.")
 flags.DEFINE_string("eval_name", _d.train.eval_name, "Name for eval; eval summaries then go to <model_dir>/eval_<eval_name>.")
 flags.DEFINE_integer("keep_checkpoint_max", _d.train.keep_checkpoint_max, "Maximum number of checkpoints to keep.")
-flags.DEFINE_integer("keep_hub_module_max", _d.train.keep_hub_module_max, "Maximum number of exported SavedModels to keep.")
+flags.DEFINE_integer("keep_hub_module_max", _d.train.keep_hub_module_max, "Maximum number of SavedModel exports (<model_dir>/saved_model/<step>/, written at the end of training) to keep; 0 exports none.")
 flags.DEFINE_bool("knn_eval", _d.train.knn_eval, "Also report weighted k-NN accuracy on backbone features (always done when there is no supervised head).")
 flags.DEFINE_integer("knn_k", _d.train.knn_k, "Neighbours for the k-NN evaluation.")
 flags.DEFINE_float("knn_temperature", _d.train.knn_temperature, "Temperature of the k-NN vote weights exp(similarity / T).")
@@ -81,6 +81,9 @@ flags.DEFINE_bool("use_tpu", _d.runtime.use_tpu, "Whether to run on TPU.")
 flags.DEFINE_string("tpu_name", _d.runtime.tpu_name, "The Cloud TPU to use: its name or a grpc://ip:8470 url.")
 flags.DEFINE_string("tpu_zone", _d.runtime.tpu_zone, "GCE zone of the Cloud TPU (detected from metadata if unset).")
 flags.DEFINE_string("gcp_project", _d.runtime.gcp_project, "GCP project of the Cloud TPU (detected from metadata if unset).")
+flags.DEFINE_enum("strategy", _d.runtime.strategy, list(config_lib.STRATEGIES), "tf.distribute strategy. auto: tpu with --use_tpu, multi_worker when the TF_CONFIG environment variable lists several tasks, mirrored with GPUs, else default (one device).")
+flags.DEFINE_enum("precision", _d.runtime.precision, list(config_lib.PRECISIONS), "Model dtype policy: float32, mixed_bfloat16 (TPU; CPUs with AVX512-BF16/AMX) or mixed_float16 (GPU, with dynamic loss scaling). Losses are always computed in float32.")
+flags.DEFINE_bool("jit_compile", _d.runtime.jit_compile, "Compile the training step with XLA (helps on TPU/GPU; on a CPU it was slower in a quick probe).")
 # --- objective
 flags.DEFINE_float("temperature", _d.train.temperature, "Temperature parameter for the contrastive loss.")
 flags.DEFINE_bool("hidden_norm", _d.train.hidden_norm, "L2-normalise the projections before the contrastive loss.")
@@ -133,14 +136,21 @@ def main(argv: list[str]) -> None:
 
     from simclr_tf.train import train_and_evaluate
 
+    from simclr_tf.train.experiment import check_model_dir, write_json
+
     # Soft placement lets summary ops fall back to the host on TPU.
     tf.config.set_soft_device_placement(True)
-    tf.io.gfile.makedirs(model_dir)
-    resolved = our_flag_values()
-    resolved["model_dir"] = model_dir
-    with tf.io.gfile.GFile(os.path.join(model_dir, "flags.json"), "w") as f:
-        json.dump(resolved, f, indent=2, sort_keys=True)
-    train_and_evaluate(config, model_dir)
+    # Flag errors found against files, data or devices (config_lib.FlagError) are
+    # raised before anything is built; print them as usage errors, not tracebacks.
+    try:
+        # Before flags.json is written, so another run's model_dir is left untouched.
+        check_model_dir(config, model_dir)
+        resolved = our_flag_values()
+        resolved["model_dir"] = model_dir
+        write_json(os.path.join(model_dir, "flags.json"), resolved)
+        train_and_evaluate(config, model_dir)
+    except config_lib.FlagError as error:
+        raise app.UsageError(str(error)) from None
 
 
 def run() -> None:

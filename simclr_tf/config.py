@@ -19,6 +19,8 @@ OPTIMIZERS = ("lars", "momentum", "adam")
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 FRACTIONAL_WIDTHS = (0.25, 0.5)
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,8 @@ class DataConfig:
     cache_dataset: bool = True
     color_jitter_strength: float = 0.5
     use_blur: bool = False
+    # Image folders: skip (and log) files that cannot be decoded instead of failing.
+    skip_bad_images: bool = False
     # Few labels: a class-balanced subset of the train split for finetune / supervised /
     # the labeled part of distill. 1.0 and 0 mean all labels.
     labeled_fraction: float = 1.0
@@ -118,6 +122,12 @@ class RuntimeConfig:
     tpu_zone: str | None = None
     gcp_project: str | None = None
     master: str | None = None
+    # "auto": tpu with --use_tpu, multi_worker when TF_CONFIG lists several tasks,
+    # mirrored with GPUs, else default (see simclr_tf.distribute.choose_strategy).
+    strategy: str = "auto"
+    # Keras dtype policy of the models; losses stay float32 (simclr_tf.losses).
+    precision: str = "float32"
+    jit_compile: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +213,16 @@ def eval_steps_for(config: Config, num_eval_examples: int) -> int:
     return config.train.eval_steps or int(math.ceil(num_eval_examples / config.train.eval_batch_size))
 
 
+class FlagError(ValueError):
+    """A flag value or combination that cannot work; the message starts with `--flag`."""
+
+
 def validate(config: Config) -> None:
-    """Raises ValueError naming the flag for values and combinations that cannot work."""
+    """Raises FlagError naming the flag for values and combinations that cannot work."""
     m, t, o, d = config.model, config.train, config.optim, config.data
 
     def fail(flag: str, message: str) -> None:
-        raise ValueError(f"--{flag}: {message}")
+        raise FlagError(f"--{flag}: {message}")
 
     if m.resnet_depth not in RESNET_DEPTHS:
         fail("resnet_depth", f"{m.resnet_depth} is not one of {RESNET_DEPTHS}.")
@@ -265,9 +279,22 @@ def validate(config: Config) -> None:
         fail("train_steps", "set --train_steps or --train_epochs to a positive number.")
     if t.temperature <= 0:
         fail("temperature", "must be positive.")
-    if o.learning_rate < 0:
-        fail("learning_rate", "must not be negative.")
+    if not o.learning_rate >= 0:  # also rejects NaN
+        fail("learning_rate", f"{o.learning_rate} must be a non-negative number.")
     if t.log_every_steps < 1:
         fail("log_every_steps", "must be at least 1.")
+    if t.checkpoint_steps < 0 or t.checkpoint_epochs < 0:
+        fail("checkpoint_steps", "--checkpoint_steps and --checkpoint_epochs must not be negative.")
+    if t.keep_checkpoint_max < 1:
+        fail("keep_checkpoint_max", "must be at least 1: resuming needs the latest checkpoint.")
+    if not d.color_jitter_strength >= 0:
+        fail("color_jitter_strength", f"{d.color_jitter_strength} must be >= 0 (0 turns colour jitter off).")
     if not d.dataset:
         fail("dataset", "is empty; use mnist5k, folder:/path or a TFDS name.")
+    r = config.runtime
+    if r.strategy not in STRATEGIES:
+        fail("strategy", f"{r.strategy!r} is not one of {STRATEGIES}.")
+    if r.use_tpu and r.strategy not in ("auto", "tpu"):
+        fail("strategy", f"--strategy={r.strategy} contradicts --use_tpu; use --strategy=auto or tpu.")
+    if r.precision not in PRECISIONS:
+        fail("precision", f"{r.precision!r} is not one of {PRECISIONS}.")

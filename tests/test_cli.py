@@ -3,7 +3,9 @@ import pathlib
 import subprocess
 import sys
 
+from absl import app
 from absl import flags
+from absl.testing import flagsaver
 import pytest
 
 from simclr_tf import cli
@@ -70,3 +72,77 @@ def test_help_lists_simclr_flags():
     out = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], capture_output=True, text=True,
                          timeout=120).stdout
     assert "--train_mode" in out and "--ft_proj_selector" in out
+
+
+def _usage_error(*args):
+    """The message `run.py` prints for these flags (cli.main in-process, global FLAGS restored)."""
+    with flagsaver.flagsaver():
+        flags.FLAGS(["run.py", *args])
+        with pytest.raises(app.UsageError) as error:
+            cli.main(["run.py"])
+    return str(error.value)
+
+
+def _fake_run(model_dir, **sections):
+    """A model_dir with a checkpoint and the config.json of a run with these settings."""
+    import tensorflow as tf
+
+    from simclr_tf.train.experiment import save_config
+
+    tf.train.Checkpoint(v=tf.Variable(1.0)).save(str(model_dir / "ckpt"))
+    save_config(config_lib.Config().replace(**sections), str(model_dir))
+
+
+TINY_FLAGS = ("--train_split=train[:16]", "--eval_split=validation[:16]", "--train_steps=1")
+
+
+def test_flags_checked_against_files_fail_before_anything_is_built(tmp_path):
+    run = tmp_path / "run"
+    message = _usage_error(f"--model_dir={run}", "--train_mode=finetune", *TINY_FLAGS)
+    assert message.startswith("--checkpoint: --train_mode=finetune needs --checkpoint")
+    message = _usage_error(f"--model_dir={run}", "--train_mode=finetune", f"--checkpoint={tmp_path}/nope")
+    assert message.startswith(f"--checkpoint={tmp_path}/nope: no such checkpoint")
+    message = _usage_error(f"--model_dir={run}", "--train_mode=distill", f"--teacher_checkpoint={tmp_path}")
+    assert message.startswith(f"--teacher_checkpoint={tmp_path} is a directory without a checkpoint")
+    message = _usage_error(f"--model_dir={run}", "--dataset=no_such_dataset_xyz", *TINY_FLAGS)
+    assert message.startswith("--dataset: Unknown dataset 'no_such_dataset_xyz'") and "folder:" in message
+    message = _usage_error(f"--model_dir={run}", "--train_split=trian", "--train_steps=1")
+    assert message.startswith("--train_split: ") and "'trian'" in message
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    message = _usage_error(f"--model_dir={blocked}/run", *TINY_FLAGS)
+    assert message.startswith(f"--model_dir={blocked}/run: cannot write there")
+    assert "Pass a writable directory" in message
+    message = _usage_error(f"--model_dir={run}", "--image_size=4")
+    assert message.startswith("--image_size: 4 is too small")
+    message = _usage_error(f"--model_dir={run}", "--fine_tune_after_block=7", "--train_mode=finetune")
+    assert message.startswith("--fine_tune_after_block: 7 must be in -1..4")
+
+
+def test_a_model_dir_of_another_run_is_refused_and_left_untouched(tmp_path):
+    _fake_run(tmp_path, model={"resnet_depth": 50}, train={"train_mode": "pretrain"})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    message = _usage_error(f"--model_dir={tmp_path}", "--train_mode=supervised", "--image_size=64", *TINY_FLAGS)
+    assert message.startswith(f"--model_dir={tmp_path} holds checkpoints of another run")
+    for difference in ("--train_mode=pretrain there, supervised here", "--resnet_depth=50 there, 18 here",
+                       "--image_size=32 there, 64 here"):
+        assert difference in message
+    assert "Use a new --model_dir, or that run's flags to resume it." in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no flags.json, config.json unchanged
+
+
+def test_batch_not_divisible_by_the_replicas(tmp_path, two_cpu_strategy):
+    from simclr_tf.train.experiment import Experiment
+
+    config = config_lib.Config().replace(train={"train_batch_size": 15, "train_steps": 1})
+    with pytest.raises(config_lib.FlagError, match=r"^--train_batch_size=15 is not divisible by the 2 replicas"):
+        Experiment.create(config, str(tmp_path), two_cpu_strategy)
+
+
+def test_run_py_prints_a_model_dir_error_without_a_traceback(tmp_path):
+    _fake_run(tmp_path, model={"width_multiplier": 2.0})
+    command = [sys.executable, str(REPO / "run.py"), f"--model_dir={tmp_path}", *TINY_FLAGS]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 1
+    assert "--width_multiplier=2.0 there, 0.25 here" in completed.stderr
+    assert "Traceback" not in completed.stderr

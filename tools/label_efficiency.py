@@ -114,6 +114,7 @@ def base_config(args: argparse.Namespace, budget: Budget):
             "eval_batch_size": 500,
             "knn_eval": False,
             "log_every_steps": 50,
+            "keep_hub_module_max": 0,  # a study: no SavedModel exports
         },
         runtime={"use_tpu": args.use_tpu, "tpu_name": args.tpu_name},
     )

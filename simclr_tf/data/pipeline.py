@@ -7,10 +7,51 @@ import tensorflow as tf
 from simclr_tf.data.augment import preprocess_for_eval, preprocess_for_train
 from simclr_tf.data.sources import LabeledSubset, Source
 
+# Epoch e's shuffle seed is seed * stride + e + 1: distinct per (seed, epoch), never 0.
+_EPOCH_SEED_STRIDE = 1_000_003
+# TensorFlow's own default graph seed, so orders are those of an unseeded process.
+_EPOCH_GRAPH_SEED = 87654321
+
 
 def shuffle_buffer_size(batch_size: int, image_size: int) -> int:
     """Shuffle buffer as the original: 50 batches for small images, else 10."""
     return batch_size * (50 if image_size <= 32 else 10)
+
+
+def epoch_stream(
+    ds: tf.data.Dataset,
+    *,
+    buffer_size: int,
+    seed: int | None,
+    epoch_size: int,
+    start_example: int = 0,
+) -> tf.data.Dataset:
+    """Endless shuffled epochs of `ds`, starting at example `start_example` of the stream.
+
+    Epoch e is `ds` shuffled with a seed made of (seed, e), so its order does not
+    depend on how many epochs this process has already read: a run resumed at
+    example k = e * epoch_size + i continues with the examples an uninterrupted run
+    would have read (epoch e, from position i). `ds` must read the same order on
+    every pass (the sources shuffle files once per seed). `seed=None` shuffles
+    each epoch at random.
+    """
+    if epoch_size < 1:
+        raise ValueError(f"Cannot train on an empty dataset (epoch_size={epoch_size}).")
+    start_epoch, offset = divmod(start_example, epoch_size)
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        if seed is None:
+            return ds.shuffle(buffer_size, reshuffle_each_iteration=False)
+        # Pin the graph-level half of the shuffle seed in this function's graph: the
+        # order must not depend on a user's tf.random.set_seed, and a global seed of 0
+        # would make TensorFlow test our tensor op seed as a Python bool and fail.
+        tf.compat.v1.get_default_graph().seed = _EPOCH_GRAPH_SEED
+        epoch_seed = seed * _EPOCH_SEED_STRIDE + epoch + 1
+        return ds.shuffle(buffer_size, seed=epoch_seed, reshuffle_each_iteration=False)
+
+    # `skip` reads the skipped examples (from the cache when there is one) but does
+    # not augment them.
+    return tf.data.Dataset.counter(start_epoch).flat_map(one_epoch).skip(offset)
 
 
 def build_dataset(
@@ -27,6 +68,7 @@ def build_dataset(
     input_context: tf.distribute.InputContext | None = None,
     shuffle_seed: int | None = None,
     labeled_subset: LabeledSubset | None = None,
+    start_example: int = 0,
 ) -> tf.data.Dataset:
     """Batches of `{"image": float32 (num_views*B, S, S, 3) in [0, 1], "label": int32 (B,)}`.
 
@@ -43,6 +85,10 @@ def build_dataset(
     `labeled_subset` keeps only a fixed class-balanced subset of the (sliced) split,
     e.g. 1% of the labels for semi-supervised fine-tuning; None or one that
     `is_everything` reads the whole split.
+    Training order: epoch e is a shuffle seeded by (`shuffle_seed`, e) of the
+    source's order (files shuffled once per seed), see `epoch_stream`;
+    `start_example` (this pipeline's examples already read by the run being
+    resumed) starts the stream at the epoch and position it had reached.
     """
     if num_views < 1:
         raise ValueError(f"num_views must be >= 1, got {num_views}.")
@@ -72,8 +118,13 @@ def build_dataset(
             )
             return views, tf.cast(label, tf.int32)
 
-        ds = ds.shuffle(shuffle_buffer_size(batch_size, image_size), seed=shuffle_seed)
-        ds = ds.repeat()
+        ds = epoch_stream(
+            ds,
+            buffer_size=shuffle_buffer_size(batch_size, image_size),
+            seed=shuffle_seed,
+            epoch_size=_examples_per_pass(ds, source, split, labeled_subset, input_context),
+            start_example=start_example,
+        )
     else:
 
         def make_views(image: tf.Tensor, label: tf.Tensor) -> tuple[tuple[tf.Tensor, ...], tf.Tensor]:
@@ -94,3 +145,20 @@ def build_dataset(
         options.deterministic = False  # order does not matter after shuffling; speed does
         ds = ds.with_options(options)
     return ds
+
+
+def _examples_per_pass(
+    ds: tf.data.Dataset,
+    source: Source,
+    split: str,
+    labeled_subset: LabeledSubset | None,
+    input_context: tf.distribute.InputContext | None,
+) -> int:
+    """Examples in one pass of this pipeline's shard: exact when tf.data knows, else estimated."""
+    cardinality = int(ds.cardinality())
+    if cardinality >= 0:
+        return cardinality
+    # Filtered or file-sharded reads (TFDS subsets, skipped bad images): an even share.
+    kwargs = {} if labeled_subset is None or labeled_subset.is_everything else {"labeled_subset": labeled_subset}
+    pipelines = input_context.num_input_pipelines if input_context is not None else 1
+    return max(1, -(-source.num_examples(split, **kwargs) // pipelines))

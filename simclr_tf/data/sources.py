@@ -20,8 +20,10 @@ import functools
 import math
 import os
 import re
+import sys
 from typing import Protocol
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -257,7 +259,10 @@ def _in_memory_dataset(
         # Shard before shuffling: every pipeline must cut the same (unshuffled) order.
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     if shuffle_files:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        # One order per seed, the same on every pass: the training pipeline reshuffles
+        # each epoch with a seed of its own (`epoch_stream`), so a resumed run reads
+        # the epochs an uninterrupted one would have.
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=False)
     return ds
 
 
@@ -330,23 +335,72 @@ def _subdirs(path: str) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(directory: str) -> list[str]:
-    """Image files under `directory` (recursively), in a stable sorted order."""
-    found = []
+def _image_files(directory: str) -> tuple[list[str], list[str]]:
+    """Image files under `directory` (recursively) in a stable sorted order, and the other files."""
+    found, others = [], []
     for parent, dirs, files in os.walk(directory, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(
-            os.path.join(parent, f)
-            for f in sorted(files)
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-        )
-    return found
+        for name in sorted(f for f in files if not f.startswith(".")):
+            (found if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(os.path.join(parent, name))
+    return found, others
 
 
-def _decode(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _read_image(path: tf.Tensor) -> tf.Tensor:
     # decode_image handles JPEG/PNG/BMP/GIF; channels=3 turns gray into RGB and drops alpha.
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return tf.ensure_shape(image, [None, None, 3]), label
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def _decode_or_flag(path: tf.Tensor, label: tf.Tensor) -> tf.data.Dataset:
+    """One `(image, label, readable, path)`; an unreadable file gives an empty image, readable=False.
+
+    A decoding error cannot be caught inside a graph, so the file is decoded in a
+    one-element dataset whose errors are dropped, followed by a placeholder that is
+    only reached when the decode produced nothing.
+    """
+    decoded = tf.data.Dataset.from_tensors(path).map(lambda p: (_read_image(p), True)).ignore_errors()
+    placeholder = tf.data.Dataset.from_tensors((tf.zeros([0, 0, 3], tf.uint8), False))
+    return decoded.concatenate(placeholder).take(1).map(lambda image, ok: (image, label, ok, path))
+
+
+def decode_image_files(ds: tf.data.Dataset, *, skip_bad: bool, num_files: int) -> tf.data.Dataset:
+    """`(path, label)` -> `(uint8 (H, W, 3), label)`, naming any file that cannot be decoded.
+
+    An unreadable file (not a JPEG/PNG/GIF/BMP, empty, truncated or corrupt) stops the
+    pipeline with an error that names it, unless `skip_bad`: then it is dropped and
+    each drop is printed to stderr with a running count for this pass. Skipped files
+    still count in `num_examples`. `num_files` (the files of one pass) lets a pass in
+    which every file is unreadable fail instead of spinning.
+    """
+    ds = ds.interleave(_decode_or_flag, num_parallel_calls=tf.data.AUTOTUNE)
+    if not skip_bad:
+
+        def check(image, label, ok, path):
+            tf.debugging.Assert(
+                ok,
+                ["Cannot decode image file", path, "(not a JPEG/PNG/GIF/BMP, or truncated or "
+                 "corrupt): remove or replace it, or pass --skip_bad_images to skip such files."],
+            )
+            return image, label
+
+        return ds.map(check, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def count(skipped, element):
+        skipped += tf.cast(tf.logical_not(element[2]), tf.int64)
+        return skipped, (*element, skipped)
+
+    def keep(image, label, ok, path, skipped):
+        if not ok:
+            # One joined string: tf.print would quote a string tensor inside a list.
+            tf.print(tf.strings.join([
+                "WARNING: skipped unreadable image file ", path, " (", tf.strings.as_string(skipped),
+                " skipped so far in this pass; --skip_bad_images)",
+            ]), output_stream=sys.stderr)
+            tf.debugging.Assert(skipped < num_files, [f"All {num_files} image files are unreadable, e.g.", path])
+        return ok
+
+    ds = ds.scan(tf.constant(0, tf.int64), count).filter(keep)
+    return ds.map(lambda image, label, ok, path, skipped: (image, label))
 
 
 class FolderSource:
@@ -354,10 +408,12 @@ class FolderSource:
 
     Class names are the sorted sub-folders of `root/train` when it exists (so every
     split shares that label map; empty class folders still count), else the union of
-    the sub-folders of all split folders. Splits accept TFDS-style slicing.
+    the sub-folders of all split folders. Splits accept TFDS-style slicing. Files with
+    other extensions are ignored (and counted in the log); a file that cannot be
+    decoded stops reading with an error naming it, or is skipped if `skip_bad_images`.
     """
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, skip_bad_images: bool = False):
         root = os.path.expanduser(root)
         if not root:
             raise ValueError(f"'folder:' needs a path. {DATASET_SYNTAX}")
@@ -367,6 +423,7 @@ class FolderSource:
             )
         self.root = root
         self.name = f"folder:{root}"
+        self.skip_bad_images = skip_bad_images
         train_dir = os.path.join(root, "train")
         if os.path.isdir(train_dir):
             self.class_names = _subdirs(train_dir)
@@ -394,16 +451,22 @@ class FolderSource:
                 f"Split folder {split_dir!r} not found: expected {split_dir}/<class>/<images>. "
                 f"Available splits in {self.root!r}: {_subdirs(self.root)}."
             )
-        paths, labels = [], []
+        paths, labels, ignored = [], [], []
         for class_name in _subdirs(split_dir):
             if class_name not in self._label_of:
                 raise ValueError(
                     f"Class folder {class_name!r} in {split_dir!r} is not one of the "
                     f"{self.num_classes} classes of {self.root}/train: {self.class_names}."
                 )
-            files = _image_files(os.path.join(split_dir, class_name))
+            files, others = _image_files(os.path.join(split_dir, class_name))
             paths.extend(files)
+            ignored.extend(others)
             labels.extend([self._label_of[class_name]] * len(files))
+        if ignored:
+            logging.warning(
+                "Ignoring %d file(s) under %s without an image extension (%s), e.g. %s",
+                len(ignored), split_dir, ", ".join(IMAGE_EXTENSIONS), ignored[0],
+            )
         if not paths:
             raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {split_dir!r}.")
         return np.array(paths), np.array(labels, np.int64)
@@ -432,7 +495,7 @@ class FolderSource:
         ds = _in_memory_dataset(
             paths, labels, shuffle_files=shuffle_files, input_context=input_context, seed=seed
         )
-        return ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
+        return decode_image_files(ds, skip_bad=self.skip_bad_images, num_files=len(paths))
 
 
 # --------------------------------------------------------------------------- TFDS
@@ -544,7 +607,10 @@ class TfdsSource:
             ds = self._subset_dataset(split, labeled_subset, shuffle_files, input_context, seed)
         else:
             # TFDS reads a different subset of files per input pipeline from the context.
-            read_config = self._tfds.ReadConfig(input_context=input_context, shuffle_seed=seed)
+            # One file order per seed on every pass, as `_in_memory_dataset`.
+            read_config = self._tfds.ReadConfig(
+                input_context=input_context, shuffle_seed=seed, shuffle_reshuffle_each_iteration=False
+            )
             ds = self._builder.as_dataset(
                 split=split, as_supervised=True, shuffle_files=shuffle_files, read_config=read_config
             )
@@ -568,7 +634,12 @@ class TfdsSource:
         examples in arrival order would not. Images are decoded after the filter.
         """
         chosen = tf.constant(self._chosen_hashes(split, labeled_subset), tf.int64)  # sorted (K,)
-        read_config = self._tfds.ReadConfig(input_context=input_context, shuffle_seed=seed, add_tfds_id=True)
+        read_config = self._tfds.ReadConfig(
+            input_context=input_context,
+            shuffle_seed=seed,
+            shuffle_reshuffle_each_iteration=False,
+            add_tfds_id=True,
+        )
         ds = self._builder.as_dataset(
             split=split,
             shuffle_files=shuffle_files,
@@ -595,7 +666,7 @@ class TfdsSource:
 # --------------------------------------------------------------------------- entry point
 
 
-def get_source(dataset: str, data_dir: str | None = None) -> Source:
+def get_source(dataset: str, data_dir: str | None = None, *, skip_bad_images: bool = False) -> Source:
     """Returns the source named by a `--dataset` string.
 
     Syntax:
@@ -608,12 +679,12 @@ def get_source(dataset: str, data_dir: str | None = None) -> Source:
     'imagenet2012_subset/10pct' (plain TFDS names), rather than a `LabeledSubset`.
     Folder and mnist5k splits accept slices like TFDS, stratified by class for
     percentages: 'train[:90%]' / 'train[90%:]' carve a validation set. `data_dir` is
-    only used by TFDS.
+    only used by TFDS, `skip_bad_images` (skip undecodable files) by image folders.
     """
     if dataset == "mnist5k":
         return Mnist5kSource()
     if dataset.startswith("folder:"):
-        return FolderSource(dataset[len("folder:"):])
+        return FolderSource(dataset[len("folder:"):], skip_bad_images=skip_bad_images)
     if not dataset:
         raise ValueError(f"Empty dataset name. {DATASET_SYNTAX}")
     return TfdsSource(dataset, data_dir)

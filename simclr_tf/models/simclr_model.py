@@ -129,6 +129,11 @@ class SimCLRModel(keras.Model):
             else None
         )
         self.trainable = trainable  # after the sub-layers exist, so it reaches them
+        if self.dtype_policy.variable_dtype != "float32":
+            raise ValueError(
+                f"dtype {self.dtype_policy.name!r}: SimCLRModel keeps float32 variables; use "
+                "float32, mixed_bfloat16 or mixed_float16."
+            )
 
     def build(self, input_shape):
         self.backbone.build(input_shape)
@@ -136,6 +141,11 @@ class SimCLRModel(keras.Model):
         self.projection_head.build(features_shape)
         if self.supervised_head is not None:
             self.supervised_head.build(self.projection_head.supervised_input_shape(features_shape))
+        # Keras hands a layer's dtype policy to none of the layers it creates, so share
+        # ours (e.g. dtype="mixed_bfloat16") with all of them, including those created in
+        # build(). Only the compute dtype can differ: variables are float32 (see __init__).
+        for layer in self._flatten_layers(include_self=False):
+            layer.dtype_policy = self.dtype_policy
 
     def call(self, images, training=False):
         outputs = dict(self.backbone(images, training=training))
@@ -185,11 +195,13 @@ def build_model(
     stop_gradient_to_supervised_head: bool = False,
     global_bn: bool | None = None,
     drop_unused_projection_layers: bool = False,
+    dtype: str | None = None,
 ) -> SimCLRModel:
     """A `SimCLRModel` from a `ModelConfig`, built for `config.image_size` inputs.
 
     Variables are created here, so call it inside `strategy.scope()` when distributing.
-    `global_bn=None` uses `config.global_bn`.
+    `global_bn=None` uses `config.global_bn`. `dtype` is the Keras dtype policy, e.g.
+    "mixed_bfloat16" (None: Keras's global policy, float32 unless changed).
     """
     model = SimCLRModel(
         num_classes,
@@ -208,6 +220,7 @@ def build_model(
         fine_tune_after_block=config.fine_tune_after_block,
         zero_init_logits_layer=config.zero_init_logits_layer,
         drop_unused_projection_layers=drop_unused_projection_layers,
+        dtype=dtype,
     )
     model.build((None, config.image_size, config.image_size, 3))
     return model
@@ -278,6 +291,25 @@ def parameter_counts(
 ) -> dict[str, int]:
     """Parameters per part (see `count_parameters`): all variables, or only trainable ones."""
     return count_parameters(image_size, **model_kwargs)["trainable" if trainable_only else "all"]
+
+
+# SimCLRv2 (arXiv:2006.10029), Table 1: backbone parameters in millions, as
+# (resnet_depth, width_multiplier, sk_ratio, millions); sk_ratio 0.0625 is the paper's SK.
+PAPER_BACKBONE_PARAMS = (
+    (50, 1, 0.0, 24),
+    (50, 1, 0.0625, 35),
+    (50, 2, 0.0, 94),
+    (50, 2, 0.0625, 140),
+    (101, 1, 0.0, 43),
+    (101, 1, 0.0625, 65),
+    (101, 2, 0.0, 170),
+    (101, 2, 0.0625, 257),
+    (152, 1, 0.0, 58),
+    (152, 1, 0.0625, 89),
+    (152, 2, 0.0, 233),
+    (152, 2, 0.0625, 354),
+    (152, 3, 0.0625, 795),
+)
 
 
 def backbone_param_count(

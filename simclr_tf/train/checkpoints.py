@@ -39,24 +39,32 @@ class VariableMatch:
     missing: list[str]  # in the model, not in the checkpoint
     mismatched: list[str]  # same path, different shape: "path: model [..] vs checkpoint [..]"
     unused: list[str]  # in the checkpoint's model, not in ours
+    # Shape of every path above: the model's, or the checkpoint's for `unused`.
+    shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def exact(self) -> bool:
         return not (self.missing or self.mismatched or self.unused)
 
-    def describe(self, limit: int = 20) -> str:
+    def describe(self, limit: int | None = 20, *, restored: bool = False) -> str:
+        """The differences, one `path [shape]` per line (and the restored paths if asked)."""
         lines = []
         for title, items in (
             ("different shape", self.mismatched),
             ("missing from the checkpoint", self.missing),
             ("in the checkpoint but not in the model", self.unused),
+            ("restored", self.restored if restored else []),
         ):
             if items:
                 lines.append(f"{len(items)} {title}:")
-                lines.extend(f"  {item}" for item in items[:limit])
-                if len(items) > limit:
+                lines.extend(f"  {item}{_shape_suffix(self.shapes.get(item))}" for item in items[:limit])
+                if limit is not None and len(items) > limit:
                     lines.append(f"  ... and {len(items) - limit} more")
         return "\n".join(lines)
+
+
+def _shape_suffix(shape: list[int] | None) -> str:
+    return "" if shape is None else f" {shape}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +123,8 @@ def match_variables(model: keras.Model, path: str) -> VariableMatch:
     ours = model_variables_by_path(model)
     theirs = checkpoint_variables_by_path(path)
     restored, missing, mismatched = [], [], []
+    shapes = {name: theirs[name][1] for name in theirs}
+    shapes.update({name: list(variable.shape) for name, variable in ours.items()})
     for name, variable in ours.items():
         if name not in theirs:
             missing.append(name)
@@ -123,7 +133,7 @@ def match_variables(model: keras.Model, path: str) -> VariableMatch:
         else:
             restored.append(name)
     unused = [name for name in theirs if name not in ours]
-    return VariableMatch(restored, missing, mismatched, unused)
+    return VariableMatch(restored, missing, mismatched, unused, shapes)
 
 
 def restore_model_weights(
@@ -140,12 +150,18 @@ def restore_model_weights(
     is missing.
     """
     match = match_variables(model, path)
-    required_missing = [m for m in match.missing if m.startswith(tuple(required_prefixes))]
+    prefixes = tuple(required_prefixes)
+    required_missing = [m for m in match.missing if m.startswith(prefixes)]
     if match.mismatched or required_missing or (exact and not match.exact):
+        required = (
+            f" {len(required_missing)} variable(s) under {', '.join(prefixes)} would not be "
+            "restored, and those must all come from the checkpoint."
+            if required_missing else ""
+        )
         raise CheckpointMismatchError(
             f"Checkpoint {path} does not fit this model (check the architecture flags: "
             f"--resnet_depth, --width_multiplier, --sk_ratio, --se_ratio, the projection head "
-            f"and the number of classes):\n{match.describe()}"
+            f"and the number of classes).{required}\n{match.describe()}"
         )
     reader = tf.train.load_checkpoint(path)
     keys = checkpoint_variables_by_path(path)
@@ -186,7 +202,10 @@ def restore(
     if init_checkpoint:
         path = resolve_checkpoint_path(init_checkpoint)
         match = restore_model_weights(model, path, exact=False)
-        logging.info("Initialised from %s: %s", path, summarize(match))
+        # Every path, so a run's log shows exactly what came from where.
+        logging.info(
+            "Initialised from %s: %s\n%s", path, summarize(match), match.describe(limit=None, restored=True)
+        )
         if zero_init_logits_layer and getattr(model, "supervised_head", None) is not None:
             for variable in model.supervised_head.trainable_weights:
                 variable.assign(tf.zeros_like(variable))
@@ -214,19 +233,19 @@ def summarize(match: VariableMatch) -> str:
     )
 
 
-def resolve_checkpoint_path(path: str) -> str:
-    """Accepts a checkpoint prefix or a directory holding checkpoints."""
+def resolve_checkpoint_path(path: str, flag: str = "checkpoint") -> str:
+    """Accepts a checkpoint prefix or a directory holding checkpoints; errors name `--flag`."""
     if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(
-                f"--checkpoint={path} is a directory without a checkpoint; pass a checkpoint "
+                f"--{flag}={path} is a directory without a checkpoint; pass a checkpoint "
                 "prefix such as <model_dir>/ckpt-1000 or a model_dir that holds one."
             )
         return latest
     if not tf.io.gfile.exists(path + ".index"):
         raise FileNotFoundError(
-            f"--checkpoint={path}: no such checkpoint ({path}.index is missing). Pass a "
+            f"--{flag}={path}: no such checkpoint ({path}.index is missing). Pass a "
             "checkpoint prefix such as <model_dir>/ckpt-1000 or a model_dir."
         )
     return path

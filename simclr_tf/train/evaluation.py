@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from simclr_tf import distribute
 from simclr_tf import losses
 from simclr_tf.train import knn
 from simclr_tf.train import steps as steps_lib
@@ -32,7 +33,7 @@ def evaluate(experiment: Experiment, model: keras.Model, global_step: int) -> di
     summary_dir = experiment.model_dir
     if cfg.train.eval_name:
         summary_dir = os.path.join(summary_dir, f"eval_{cfg.train.eval_name}")
-    writer = tf.summary.create_file_writer(summary_dir)
+    writer = distribute.summary_writer(summary_dir, experiment.strategy)
     with writer.as_default():
         for name, value in result.items():
             if name != "global_step":

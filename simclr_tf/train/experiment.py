@@ -13,6 +13,7 @@ The train modes differ only here: which model, which datasets, which loss.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +25,7 @@ import tensorflow as tf
 from simclr_tf import config as config_lib
 from simclr_tf import data as data_lib
 from simclr_tf import models
-from simclr_tf.config import Config, ModelConfig
+from simclr_tf.config import Config, FlagError, ModelConfig
 from simclr_tf.distribute import build_strategy
 from simclr_tf.train import checkpoints
 from simclr_tf.train import steps as steps_lib
@@ -49,28 +50,38 @@ class Experiment:
     def create(
         cls, config: Config, model_dir: str, strategy: tf.distribute.Strategy | None = None
     ) -> "Experiment":
+        # Every check of flags against files, data and devices comes before anything
+        # is built, and raises FlagError (the CLI prints it without a traceback).
         config_lib.validate(config)
+        check_model_dir(config, model_dir)
         train_mode = config.train.train_mode
-        if (
-            train_mode == "finetune"
-            and config.train.mode != "eval"
-            and not config.train.checkpoint
-            and not tf.train.latest_checkpoint(model_dir)
-        ):
-            raise ValueError(
-                "--train_mode=finetune needs --checkpoint (a pretraining model_dir or checkpoint) "
-                "when --model_dir holds no checkpoint; use --train_mode=supervised to train "
-                "from scratch."
+        resuming = tf.train.latest_checkpoint(model_dir) is not None
+        if train_mode == "finetune" and config.train.mode != "eval" and not config.train.checkpoint and not resuming:
+            raise FlagError(
+                "--checkpoint: --train_mode=finetune needs --checkpoint (a pretraining model_dir "
+                "or checkpoint) when --model_dir holds no checkpoint; use --train_mode=supervised "
+                "to train from scratch."
             )
+        if config.train.checkpoint and not resuming and config.train.mode != "eval":
+            with _as_flag_error("checkpoint"):
+                checkpoints.resolve_checkpoint_path(config.train.checkpoint)
+        if train_mode == "distill":
+            with _as_flag_error("teacher_checkpoint"):
+                checkpoints.resolve_checkpoint_path(config.distill.teacher_checkpoint, flag="teacher_checkpoint")
         strategy = strategy or build_strategy(config.runtime)
-        source = data_lib.get_source(config.data.dataset, config.data.data_dir)
+        with _as_flag_error("dataset"):
+            source = data_lib.get_source(
+                config.data.dataset, config.data.data_dir, skip_bad_images=config.data.skip_bad_images
+            )
         subset = labeled_subset(config) if train_mode in LABELED_MODES else None
-        num_train = source.num_examples(config.data.train_split, labeled_subset=subset)
-        num_eval = source.num_examples(config.data.eval_split)
+        with _as_flag_error("train_split"):
+            num_train = source.num_examples(config.data.train_split, labeled_subset=subset)
+        with _as_flag_error("eval_split"):
+            num_eval = source.num_examples(config.data.eval_split)
         replicas = strategy.num_replicas_in_sync
         for flag in ("train_batch_size", "eval_batch_size"):
             if getattr(config.train, flag) % replicas:
-                raise ValueError(
+                raise FlagError(
                     f"--{flag}={getattr(config.train, flag)} is not divisible by the "
                     f"{replicas} replicas; pick a multiple of {replicas}."
                 )
@@ -133,9 +144,13 @@ class Experiment:
     def build_teacher(self) -> keras.Model:
         """The distillation teacher, restored in full and frozen; call under the strategy scope."""
         distill = self.config.distill
-        path = checkpoints.resolve_checkpoint_path(distill.teacher_checkpoint)
+        path = checkpoints.resolve_checkpoint_path(distill.teacher_checkpoint, flag="teacher_checkpoint")
         teacher = self._build(teacher_model_config(self.config), num_classes=self.source.num_classes)
-        checkpoints.restore_model_weights(teacher, path, exact=True)
+        # Every teacher variable must come from the checkpoint; projection layers above
+        # the selected one that it also holds (a converted original model) go unused.
+        checkpoints.restore_model_weights(
+            teacher, path, exact=False, required_prefixes=(f"{checkpoints.MODEL_ROOT}/",)
+        )
         teacher.trainable = False
         logging.info("Teacher restored from %s", path)
         return teacher
@@ -150,6 +165,7 @@ class Experiment:
             drop_unused_projection_layers=not self.pretraining,
             # Synchronising a single replica's statistics only costs time.
             global_bn=model_config.global_bn and self.strategy.num_replicas_in_sync > 1,
+            dtype=self.config.runtime.precision,
         )
 
     def loss_fn(self) -> steps_lib.LossFn:
@@ -166,17 +182,23 @@ class Experiment:
             label_weight=self.config.distill.distill_label_weight,
         )
 
-    def train_dataset(self) -> tf.distribute.DistributedDataset:
+    def train_dataset(self, start_step: int = 0) -> tf.distribute.DistributedDataset:
+        """Training batches; `start_step` > 0 continues the data where a run stopped at that step."""
         global_batch = self.config.train.train_batch_size
 
         def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
             batch_size = context.get_per_replica_batch_size(global_batch)
-            return self.replica_train_dataset(batch_size, context)
+            # Every input pipeline delivered an equal share of each global batch.
+            start_example = start_step * global_batch // context.num_input_pipelines
+            return self.replica_train_dataset(batch_size, context, start_example=start_example)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
     def replica_train_dataset(
-        self, batch_size: int, context: tf.distribute.InputContext | None = None
+        self,
+        batch_size: int,
+        context: tf.distribute.InputContext | None = None,
+        start_example: int = 0,
     ) -> tf.data.Dataset:
         """One replica's training batches, as the step function of this mode expects them."""
         cfg = self.config
@@ -184,14 +206,19 @@ class Experiment:
             return self._training_batches(
                 batch_size, context, num_views=2,
                 color_jitter_strength=cfg.data.color_jitter_strength, use_blur=cfg.data.use_blur,
+                start_example=start_example,
             )
         # Fine-tuning and distillation augment with crop and flip only, as the paper.
         if self.train_mode in LABELED_MODES:
-            return self._training_batches(batch_size, context, subset=labeled_subset(cfg))
-        unlabeled = self._training_batches(batch_size, context)
+            return self._training_batches(
+                batch_size, context, subset=labeled_subset(cfg), start_example=start_example
+            )
+        unlabeled = self._training_batches(batch_size, context, start_example=start_example)
         if cfg.distill.distill_label_weight <= 0:
             return unlabeled
-        labeled = self._training_batches(batch_size, context, subset=labeled_subset(cfg))
+        labeled = self._training_batches(
+            batch_size, context, subset=labeled_subset(cfg), start_example=start_example
+        )
         return tf.data.Dataset.zip(unlabeled, labeled).map(
             lambda u, l: {**u, "labeled_image": l["image"], "labeled_label": l["label"]}
         )
@@ -205,6 +232,7 @@ class Experiment:
         color_jitter_strength: float = 0.0,
         use_blur: bool = False,
         subset: data_lib.LabeledSubset | None = None,
+        start_example: int = 0,
     ) -> tf.data.Dataset:
         cfg = self.config
         return data_lib.build_dataset(
@@ -220,6 +248,7 @@ class Experiment:
             input_context=context,
             shuffle_seed=cfg.train.seed,
             labeled_subset=subset,
+            start_example=start_example,
         )
 
     def eval_dataset(self, split: str) -> tf.distribute.DistributedDataset:
@@ -285,6 +314,11 @@ def teacher_model_config(config: Config) -> ModelConfig:
 
 def read_saved_model_config(checkpoint: str | None) -> dict:
     """The "model" section of the config.json `save_config` wrote next to a checkpoint ({} if none)."""
+    return read_saved_config(checkpoint).get("model", {})
+
+
+def read_saved_config(checkpoint: str | None) -> dict:
+    """The config.json `save_config` wrote next to a checkpoint (or in a model_dir); {} if none."""
     if not checkpoint:
         return {}
     directory = checkpoint if tf.io.gfile.isdir(checkpoint) else os.path.dirname(checkpoint)
@@ -292,12 +326,63 @@ def read_saved_model_config(checkpoint: str | None) -> dict:
     if not tf.io.gfile.exists(path):
         return {}
     with tf.io.gfile.GFile(path) as f:
-        return json.load(f).get("model", {})
+        return json.load(f)
+
+
+def check_model_dir(config: Config, model_dir: str) -> None:
+    """Raises FlagError if `model_dir` is not writable, or holds checkpoints of another run.
+
+    "Another run" is one whose config.json differs in the train mode or in a flag that
+    decides the model's variables: resuming it would fail in the restore, or worse,
+    silently continue a different experiment.
+    """
+    try:
+        tf.io.gfile.makedirs(model_dir)
+        probe = os.path.join(model_dir, f".write_test_{os.getpid()}")
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("")
+        tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as error:
+        raise FlagError(
+            f"--model_dir={model_dir}: cannot write there ({error}). Pass a writable directory."
+        ) from None
+    if tf.train.latest_checkpoint(model_dir) is None:
+        return
+    saved = read_saved_config(model_dir)
+    if not saved:
+        return  # written by something else; the restore itself still checks every variable
+    ours = config.to_dict()
+    pairs = [("train_mode", saved.get("train", {}).get("train_mode"), config.train.train_mode)]
+    pairs += [(f, saved.get("model", {}).get(f), ours["model"][f]) for f in TEACHER_FIELDS]
+    # The image size decides the stem's variables only through `cifar_stem`.
+    saved_size = saved.get("model", {}).get("image_size")
+    if saved_size is not None and (saved_size <= 32) != config.model.cifar_stem:
+        pairs.append(("image_size", saved_size, config.model.image_size))
+    differences = [f"--{flag}={theirs} there, {mine} here" for flag, theirs, mine in pairs
+                   if theirs is not None and theirs != mine]
+    if differences:
+        raise FlagError(
+            f"--model_dir={model_dir} holds checkpoints of another run ({'; '.join(differences)}). "
+            "Use a new --model_dir, or that run's flags to resume it."
+        )
+
+
+@contextlib.contextmanager
+def _as_flag_error(flag: str):
+    """Re-raises a bad value's ValueError/FileNotFoundError as a FlagError naming `flag`."""
+    try:
+        yield
+    except FlagError:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        message = str(error)
+        raise FlagError(message if message.startswith(f"--{flag}") else f"--{flag}: {message}") from None
 
 
 def write_json(path: str, values: dict) -> None:
     """Writes atomically so a crash never leaves a half-written file."""
-    tmp = path + ".tmp"
+    # Per process: the workers of a multi-worker run may write the same file at once.
+    tmp = f"{path}.tmp{os.getpid()}"
     with tf.io.gfile.GFile(tmp, "w") as f:
         json.dump(values, f, indent=2, sort_keys=True)
     tf.io.gfile.rename(tmp, path, overwrite=True)

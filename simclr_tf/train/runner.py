@@ -24,6 +24,8 @@ def train_and_evaluate(
     experiment = Experiment.create(config, model_dir, strategy)
     save_config(config, model_dir)
     mode = config.train.mode
+    if mode == "eval" and config.train.checkpoint and not tf.train.latest_checkpoint(model_dir):
+        return evaluate_checkpoint(experiment, config.train.checkpoint)
     if mode == "eval":
         return evaluate_continuously(experiment)
     state = trainer.train(experiment)
@@ -46,6 +48,23 @@ def evaluate_continuously(experiment: Experiment, timeout_secs: float | None = N
             logging.info("Evaluated the final step %d; done", step)
             break
     return result
+
+
+def evaluate_checkpoint(experiment: Experiment, checkpoint: str) -> dict:
+    """Evaluates `--checkpoint` once (e.g. a converted released model) when model_dir has none.
+
+    Its backbone and supervised head must be restored in full; projection layers it holds
+    beyond those this mode builds are not used.
+    """
+    path = checkpoints.resolve_checkpoint_path(checkpoint)
+    with experiment.strategy.scope():
+        model = experiment.build_model()
+    checkpoints.restore_model_weights(
+        model, path, exact=False,
+        required_prefixes=(checkpoints.BACKBONE_PREFIX, f"{checkpoints.MODEL_ROOT}/supervised_head/"),
+    )
+    match = _CHECKPOINT_STEP.search(path)
+    return evaluation.evaluate(experiment, model, int(match.group(1)) if match else 0)
 
 
 def restore_model_for_eval(model: keras.Model, path: str) -> int:

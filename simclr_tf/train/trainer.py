@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
+from typing import Callable
 
 from absl import logging
+import keras
 import tensorflow as tf
 
+from simclr_tf import distribute
+from simclr_tf import export
 from simclr_tf import losses
 from simclr_tf import optim
 from simclr_tf.train import checkpoints
@@ -18,7 +23,7 @@ from simclr_tf.train.metrics import MeanMetrics, first_non_finite
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced NaN/Inf; the last good checkpoint is kept as the latest."""
+    """A step's loss or gradients were NaN/Inf; its update was skipped and nothing saved after it."""
 
 
 @dataclasses.dataclass
@@ -48,6 +53,9 @@ def build_train_state(experiment: Experiment) -> TrainState:
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
         )
+        if cfg.runtime.precision == "mixed_float16":
+            # float16 gradients underflow without loss scaling; `train_step` scales the loss.
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         # Slots must exist before restoring, so the restore can be checked in full.
         optimizer.build(model.trainable_variables)
     # Only the trained model and its optimizer are checkpointed, never a teacher.
@@ -68,47 +76,53 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
     model, optimizer, loss_fn = state.model, state.optimizer, state.loss_fn
     with strategy.scope():
         metrics = MeanMetrics(loss_fn.metric_names(model), prefix="train")
-    step_fn = functools.partial(
-        steps_lib.train_step,
-        model=model,
-        optimizer=optimizer,
-        loss_fn=loss_fn,
-        decayed_variables=losses.variables_with_loss_weight_decay(
-            model.trainable_variables, cfg.optim.optimizer
-        ),
-        weight_decay=cfg.optim.weight_decay,
-        num_replicas=strategy.num_replicas_in_sync,
-    )
+    step_fn = make_train_step(experiment, state)
 
     def replica_step(batch):
-        metrics.update(step_fn(batch))
+        values = step_fn(batch)
+        metrics.update(values)
+        return values[steps_lib.FINITE]
 
     @tf.function
     def run_steps(iterator, num_steps):
+        """Runs up to num_steps steps; returns the first non-finite step's number, else -1."""
+        bad_step = tf.constant(-1, tf.int64)
         # tf.range keeps this a graph loop instead of unrolling num_steps copies.
         for _ in tf.range(num_steps):
-            strategy.run(replica_step, args=(next(iterator),))
+            finite = strategy.run(replica_step, args=(next(iterator),))
+            # The same on every replica; that step's update was skipped.
+            if not strategy.experimental_local_results(finite)[0]:
+                bad_step = optimizer.iterations + 1
+                break
+        return bad_step
 
     step = int(optimizer.iterations.numpy())
     if step >= experiment.train_steps:
         logging.info("Already at step %d of %d: nothing to train", step, experiment.train_steps)
         return state
 
-    writer = tf.summary.create_file_writer(experiment.model_dir)
+    writer = distribute.summary_writer(experiment.model_dir, strategy)
     with writer.as_default():
         tf.summary.image(
             "train/augmented_views", experiment.augmented_examples(), step=step, max_outputs=8
         )
-    iterator = iter(experiment.train_dataset())
+    if step:
+        logging.info(
+            "Resuming at step %d: the training data continues in epoch %d",
+            step, step * cfg.train.train_batch_size // experiment.num_train_examples,
+        )
+    iterator = iter(experiment.train_dataset(start_step=step))
     progress = Progress(step, experiment.train_steps, cfg.train.train_batch_size)
     while step < experiment.train_steps:
         num_steps = steps_until_next_event(
             step, experiment.train_steps, cfg.train.log_every_steps, experiment.checkpoint_steps
         )
-        run_steps(iterator, tf.constant(num_steps))
+        bad_step = int(run_steps(iterator, tf.constant(num_steps)))
         step = int(optimizer.iterations.numpy())
         values = metrics.results()
         metrics.reset()
+        if bad_step >= 0:
+            raise NonFiniteLossError(non_finite_message(bad_step, values, state.manager))
         bad = first_non_finite(values)
         if bad is not None:
             raise NonFiniteLossError(
@@ -135,12 +149,46 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
             tf.summary.scalar("learning_rate", learning_rate, step=step)
             tf.summary.scalar("train/images_per_second", speed.images_per_second, step=step)
         if step % experiment.checkpoint_steps == 0 or step >= experiment.train_steps:
-            path = state.manager.save(checkpoint_number=step)
-            logging.info("Saved %s", path)
+            path = distribute.save_checkpoint(state.manager, step, strategy)
+            if path:
+                logging.info("Saved %s", path)
         writer.flush()
     writer.close()
     logging.info("Training complete at step %d", step)
+    if distribute.is_chief(strategy):  # <model_dir>/saved_model/<step>/, as the original
+        export.export_step(model, experiment.model_dir, step, keep_max=cfg.train.keep_hub_module_max)
     return state
+
+
+def make_train_step(experiment: Experiment, state: TrainState) -> Callable[[steps_lib.Batch], steps_lib.Metrics]:
+    """This run's per-replica `steps.train_step`, XLA-compiled with --jit_compile."""
+    cfg = experiment.config
+    step_fn = functools.partial(
+        steps_lib.train_step,
+        model=state.model,
+        optimizer=state.optimizer,
+        loss_fn=state.loss_fn,
+        decayed_variables=losses.variables_with_loss_weight_decay(
+            state.model.trainable_variables, cfg.optim.optimizer
+        ),
+        weight_decay=cfg.optim.weight_decay,
+        num_replicas=experiment.strategy.num_replicas_in_sync,
+    )
+    if cfg.runtime.jit_compile:
+        # Only the step: the input iterator and the loop around it cannot be compiled.
+        step_fn = tf.function(step_fn, jit_compile=True)
+    return step_fn
+
+
+def non_finite_message(bad_step: int, values: dict[str, float], manager: tf.train.CheckpointManager) -> str:
+    # A step's NaN/Inf loss makes the mean loss of the steps run with it non-finite too.
+    what = "the loss" if not math.isfinite(values.get("train/total_loss", 0.0)) else "a gradient"
+    return (
+        f"Step {bad_step}: {what} became NaN or Inf, so its update was skipped and training "
+        f"stopped without saving; the latest checkpoint in {manager.directory} is still the last "
+        f"good one ({manager.latest_checkpoint or 'none yet'}). Lower --learning_rate (or raise "
+        "--warmup_epochs), or check the input data read at that step."
+    )
 
 
 def steps_until_next_event(step: int, total: int, log_every: int, checkpoint_every: int) -> int:

@@ -22,26 +22,10 @@ from simclr_tf.models.resnet import (
     SqueezeExcitation,
     Stem,
 )
-from simclr_tf.models.simclr_model import backbone_param_count, parameter_counts
+from simclr_tf.models.simclr_model import PAPER_BACKBONE_PARAMS, backbone_param_count, parameter_counts
 
 SK = 0.0625
 
-# SimCLRv2 paper, Table 1: backbone parameters in millions.
-PAPER_TABLE = [
-    (50, 1, 0.0, 24),
-    (50, 1, SK, 35),
-    (50, 2, 0.0, 94),
-    (50, 2, SK, 140),
-    (101, 1, 0.0, 43),
-    (101, 1, SK, 65),
-    (101, 2, 0.0, 170),
-    (101, 2, SK, 257),
-    (152, 1, 0.0, 58),
-    (152, 1, SK, 89),
-    (152, 2, 0.0, 233),
-    (152, 2, SK, 354),
-    (152, 3, SK, 795),
-]
 
 
 # ---------------------------------------------------------------------------
@@ -49,7 +33,7 @@ PAPER_TABLE = [
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("depth,width,sk_ratio,expected_millions", PAPER_TABLE)
+@pytest.mark.parametrize("depth,width,sk_ratio,expected_millions", PAPER_BACKBONE_PARAMS)
 def test_paper_table_parameter_counts(depth, width, sk_ratio, expected_millions):
     count = backbone_param_count(depth, width, sk_ratio)
     assert round(count / 1e6) == expected_millions, count
@@ -194,10 +178,10 @@ def test_model_summary_tool(capsys, monkeypatch):
     assert "supervised_head" in out and "1,290" in out  # 128 * 10 + 10
     assert gc.isenabled()
     # Exit status of --paper_table: one right row, one wrong row.
-    monkeypatch.setattr(tool, "PAPER_TABLE", [(18, 0.25, 0.0, 1), (18, 0.25, 0.0, 2)])
+    monkeypatch.setattr(tool, "PAPER_BACKBONE_PARAMS", [(18, 0.25, 0.0, 1), (18, 0.25, 0.0, 2)])
     assert tool.main(["--paper_table"]) == 1
     assert "1/2 rows match" in capsys.readouterr().out
-    monkeypatch.setattr(tool, "PAPER_TABLE", [(18, 0.25, 0.0, 1)])
+    monkeypatch.setattr(tool, "PAPER_BACKBONE_PARAMS", [(18, 0.25, 0.0, 1)])
     assert tool.main(["--paper_table"]) == 0
 
 

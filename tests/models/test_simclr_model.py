@@ -1,8 +1,7 @@
-"""SimCLRModel: outputs, naming contract, freezing, gradients, serialization, global BN,
-and equivalence with the original TF2 model (structure and outputs)."""
+"""SimCLRModel: outputs, naming contract, freezing, gradients, serialization, global BN.
 
-import pathlib
-import re
+Equivalence with the original TF2 model (structure, and outputs with its weights) is
+tested with the checkpoint converter, in tests/tools/test_convert_checkpoint.py."""
 
 import keras
 import numpy as np
@@ -10,10 +9,8 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf.config import ModelConfig
-from simclr_tf.models import OUTPUT_KEYS, SimCLRModel, build_model, parameter_counts
-from simclr_tf.models.simclr_model import _shape_only_variables
+from simclr_tf.models import OUTPUT_KEYS, SimCLRModel, build_model
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "original_tf2"
 BN_VARIABLES = {"gamma", "beta", "moving_mean", "moving_variance"}
 TINY = dict(resnet_depth=18, width_multiplier=0.25, cifar_stem=True, proj_out_dim=16)
 
@@ -325,82 +322,6 @@ def test_global_bn_matches_single_replica_statistics(two_cpu_strategy, global_bn
         assert all(close), [k for k, c in zip(expected, close) if not c]
     else:
         assert not all(close)  # per-replica BN differs: the check above can fail
-
-
-# ---------------------------------------------------------------------------
-# Equivalence with the original TF2 model (fixtures exported from google-research/simclr)
-# ---------------------------------------------------------------------------
-
-# Order of the original's checkpoint path tokens within their parent, following the
-# original's creation order; other tokens are unique where they appear.
-_ORIGINAL_ORDER = {
-    "resnet_model": 0, "_projection_head": 1, "supervised_head": 2,
-    "initial_conv_relu_max_pool": 0, "block_groups": 1,
-    "projection_layers": 0, "shortcut_layers": 0,
-    "conv2d_bn_layers": 1, "conv_relu_dropblock_layers": 1,
-    "conv2d_fixed_padding": 0, "batch_norm_relu": 1, "conv2d_0": 2, "batch_norm_relu_1": 3, "conv2d_1": 4,
-    "dense": 0, "bn_relu": 1,
-    "kernel": 0, "bias": 1, "gamma": 0, "beta": 1, "moving_mean": 2, "moving_variance": 3,
-}  # fmt: skip
-
-
-def _original_variables(name):
-    """[(shape, original variable name)] in the original's structural order."""
-    fixture = FIXTURES / name
-    if not fixture.is_dir():
-        pytest.skip(f"{fixture} not present")
-    rows = []
-    for line in (fixture / "checkpoint_variables_named.txt").read_text().splitlines():
-        key, shape, full_name = line.split("\t")
-        if not key.startswith("model/"):
-            continue
-        key = key[len("model/"):].replace("/.ATTRIBUTES/VARIABLE_VALUE", "")
-        order = tuple(int(t) if t.isdigit() else _ORIGINAL_ORDER.get(t, 0) for t in key.split("/"))
-        rows.append((order, tuple(int(d) for d in re.findall(r"\d+", shape)), full_name))
-    return [(shape, full_name) for _, shape, full_name in sorted(rows)]
-
-
-def _original_config(name):
-    text = (FIXTURES / name / "config.txt").read_text()
-    return dict(re.findall(r"(\w+)=(\S+)", text))
-
-
-@pytest.mark.parametrize(
-    "fixture,kwargs,size",
-    [
-        ("r18_1x_sk0_64px", dict(resnet_depth=18, width_multiplier=1), 64),
-        ("r50_1x_sk1_224px", dict(resnet_depth=50, width_multiplier=1, sk_ratio=0.0625), 224),
-    ],
-)
-def test_structure_matches_original(fixture, kwargs, size):
-    original = _original_variables(fixture)
-    counts = parameter_counts(size, trainable_only=True, num_classes=10, **kwargs)
-    assert counts["total"] == int(_original_config(fixture)["trainable_params"])
-    with _shape_only_variables():  # no 44M-parameter allocation
-        model = SimCLRModel(10, **kwargs)
-        model.build((None, size, size, 3))
-        ours = [tuple(v.shape) for v in model.weights]
-    assert ours == [shape for shape, _ in original]
-
-
-def test_outputs_match_original_with_its_weights():
-    fixture = FIXTURES / "r18_1x_sk0_64px"
-    original = _original_variables("r18_1x_sk0_64px")
-    saved_keys = {}
-    for line in (fixture / "saved_model_variables_named.txt").read_text().splitlines():
-        key, _, full_name = line.split("\t")
-        saved_keys[full_name] = key
-    reader = tf.train.load_checkpoint(str(fixture / "saved_model" / "variables" / "variables"))
-    model = SimCLRModel(10, resnet_depth=18, width_multiplier=1, cifar_stem=False)
-    model.build((None, 64, 64, 3))
-    for variable, (shape, full_name) in zip(model.weights, original):
-        variable.assign(reader.get_tensor(saved_keys[full_name]))
-    reference = np.load(fixture / "reference_outputs.npz")
-    outputs = model(reference["input"], training=False)
-    compared = [key for key in reference.files if key in outputs]
-    assert len(compared) == 10  # all stages, both heads
-    for key in compared:
-        np.testing.assert_allclose(outputs[key], reference[key], rtol=1e-4, atol=1e-4, err_msg=key)
 
 
 @pytest.mark.parametrize("selector,kept", [(0, 0), (1, 1), (2, 2), (-1, 3), (-2, 2)])

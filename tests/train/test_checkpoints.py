@@ -118,3 +118,43 @@ def test_zero_init_logits_layer_after_restore(tmp_path):
     assert all(not np.any(v.numpy()) for v in model.supervised_head.trainable_weights)
     assert np.any(model.backbone.trainable_weights[0].numpy())
     assert tf.train.latest_checkpoint(str(tmp_path / "ft")) is None
+
+
+def test_architecture_mismatch_lists_names_and_shapes(tmp_path):
+    path = _save_training_checkpoint(_randomized(_model(), 6), tmp_path)
+    wider = _model(dataclasses.replace(TINY, width_multiplier=0.5))
+    with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+        checkpoints.restore_model_weights(wider, path, exact=True)
+    ours = checkpoints.model_variables_by_path(wider)
+    theirs = checkpoints.checkpoint_variables_by_path(path)
+    stem = next(p for p in ours if p.startswith("model/backbone/") and len(ours[p].shape) == 4)
+    assert f"{stem}: model {list(ours[stem].shape)} vs checkpoint {theirs[stem][1]}" in str(error.value)
+
+    deeper = _model(dataclasses.replace(TINY, resnet_depth=34))
+    with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+        checkpoints.restore_model_weights(deeper, path, exact=False)
+    message = str(error.value)
+    assert "under model/backbone/ would not be restored" in message
+    match = checkpoints.match_variables(deeper, path)
+    ours = checkpoints.model_variables_by_path(deeper)
+    for name in match.missing[:20]:  # the first 20 are listed, each with its shape
+        assert f"  {name} {list(ours[name].shape)}\n" in message + "\n"
+
+
+def test_finetune_init_logs_every_restored_and_new_variable(tmp_path, caplog):
+    path = _save_training_checkpoint(_randomized(_model(num_classes=None), 7), tmp_path / "pre")
+    model = _model(dataclasses.replace(TINY, ft_proj_selector=1), num_classes=5,
+                   drop_unused_projection_layers=True)
+    optimizer = build_optimizer("momentum", learning_rate=0.1)
+    optimizer.build(model.trainable_variables)
+    manager = checkpoints.make_manager(model, optimizer, str(tmp_path / "ft"), max_to_keep=1)
+    with caplog.at_level("INFO", logger="absl"):
+        report = checkpoints.restore(manager, init_checkpoint=path)
+    log = caplog.text
+    match = report.match
+    assert match.missing and all("supervised_head" in name for name in match.missing)
+    assert len(match.restored) > 50 and match.unused
+    assert f"{len(match.restored)} restored:" in log and f"{len(match.missing)} missing from the checkpoint:" in log
+    shapes = checkpoints.model_variables_by_path(model)
+    for name in match.restored + match.missing:
+        assert f"  {name} {list(shapes[name].shape)}\n" in log, name

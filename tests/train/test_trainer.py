@@ -31,6 +31,7 @@ def tiny_config(**overrides) -> Config:
             "eval_batch_size": 32,
             "log_every_steps": 1,
             "checkpoint_steps": 2,
+            "keep_hub_module_max": 0,  # no SavedModel export (tests/test_export.py covers it)
         },
     )
     return config.replace(**overrides)

@@ -1,0 +1,168 @@
+"""One training step on 2 replicas equals one step on 1 replica at the same global batch.
+
+For each train mode the real pieces run: `Experiment`, `trainer.build_train_state`,
+`trainer.make_train_step` (`steps.train_step` with LARS) under a MirroredStrategy over
+two logical CPUs (tests/conftest.py) and under the default strategy. Both start from
+the same weights and see the same examples, replica r holding the r-th half of every
+view. Compared after the step: the loss, every trainable variable, the optimizer's
+variables and the batch-norm moving statistics (global BN on), on every replica.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import models
+from simclr_tf.config import Config
+from simclr_tf.train import trainer
+from simclr_tf.train.experiment import Experiment
+
+GLOBAL_BATCH = 8
+# Relative to each variable's scale; float32 sums in another order (all-reduce vs one
+# batch, one-pass synchronised moments) measure ~1e-6.
+TOLERANCE = 1e-4
+
+
+def tiny_config(train_mode: str, checkpoint: str | None, global_bn: bool = True) -> Config:
+    """ResNet-18 x0.25 at 16x16 with LARS, no warm-up and a large learning rate.
+
+    The large rate makes every update big next to float32 rounding, so equal updates
+    are a real check (LARS scales most of them by eeta * ||w|| / ||g||).
+    """
+    return Config().replace(
+        model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 16,
+               "num_proj_layers": 2, "global_bn": global_bn, "batch_norm_decay": 0.5},
+        data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:16]",
+              "labeled_per_class": 2},
+        optim={"optimizer": "lars", "learning_rate": 100.0, "warmup_epochs": 0},
+        train={"train_mode": train_mode, "mode": "train", "train_steps": 10,
+               "train_batch_size": GLOBAL_BATCH, "checkpoint": checkpoint},
+        distill={"teacher_checkpoint": checkpoint if train_mode == "distill" else None,
+                 "distill_temperature": 2.0, "distill_label_weight": 0.5},
+    )
+
+
+@pytest.fixture(scope="module")
+def classifier_checkpoint(tmp_path_factory) -> str:
+    """A fine-tuning-shaped model's weights: the finetune init and the distill teacher."""
+    config = tiny_config("finetune", checkpoint="unused")
+    model = models.build_model(config.model, num_classes=10, drop_unused_projection_layers=True)
+    return tf.train.Checkpoint(model=model).write(str(tmp_path_factory.mktemp("teacher") / "ckpt-1"))
+
+
+def random_batch(spec: dict[str, tf.TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:
+    """A fixed batch shaped as the pipeline's: random pixels, random labels.
+
+    Fixed (not augmented) data keeps the test reproducible. Pixels are scaled by 0.3..1
+    along the batch, so the two replicas' batch statistics differ: unsynchronised
+    batch norm would change the result.
+    """
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for key, s in spec.items():
+        if s.dtype.is_integer:
+            batch[key] = rng.integers(0, 10, size=s.shape).astype(s.dtype.as_numpy_dtype)
+        else:
+            ramp = np.linspace(0.3, 1.0, s.shape[0], dtype="float32")[:, None, None, None]
+            batch[key] = rng.uniform(size=s.shape).astype("float32") * ramp
+    return batch
+
+
+def replica_slices(batch: dict[str, np.ndarray], replicas: int) -> list[dict[str, np.ndarray]]:
+    """Replica r's part of a global batch: the r-th block of each view, view-major."""
+    examples = len(batch["label"])
+    per_replica = examples // replicas
+    out = []
+    for r in range(replicas):
+        part = {}
+        for key, value in batch.items():
+            views = np.split(value, len(value) // examples)  # (2B, ...) images hold 2 views
+            part[key] = np.concatenate([v[r * per_replica:(r + 1) * per_replica] for v in views])
+        out.append(part)
+    return out
+
+
+def local_values(strategy: tf.distribute.Strategy, variable) -> list[np.ndarray]:
+    return [np.asarray(t) for t in strategy.experimental_local_results(variable.value)]
+
+
+def one_step(config: Config, model_dir, strategy, batch, weights=None):
+    """Builds the run's state, sets `weights`, runs one step on `batch`.
+
+    Returns the state, all weights as they were before the step, and each replica's loss.
+    """
+    experiment = Experiment.create(config, str(model_dir), strategy)
+    state = trainer.build_train_state(experiment)
+    if weights is not None:
+        state.model.set_weights(weights)
+    initial = state.model.get_weights()
+    step_fn = trainer.make_train_step(experiment, state)
+    parts = replica_slices(batch, strategy.num_replicas_in_sync)
+    inputs = strategy.experimental_distribute_values_from_function(
+        lambda context: {k: tf.constant(v) for k, v in parts[context.replica_id_in_sync_group].items()}
+    )
+    metrics = tf.function(lambda b: strategy.run(step_fn, args=(b,)))(inputs)
+    losses = [float(t) for t in strategy.experimental_local_results(metrics["total_loss"])]
+    return state, initial, losses
+
+
+def max_difference(single, distributed, strategy) -> dict[str, float]:
+    """Per variable: the largest |difference| on any replica, relative to the variable's scale."""
+    assert len(single) == len(distributed) > 0
+    out = {}
+    for s, d in zip(single, distributed):
+        expected = s.numpy()
+        scale = max(float(np.abs(expected).max()), 1e-3)
+        out[d.path] = max(float(np.abs(local - expected).max()) / scale for local in local_values(strategy, d))
+    return out
+
+
+def assert_same_variables(single, distributed, strategy, what: str, tolerance: float = TOLERANCE):
+    differences = max_difference(single, distributed, strategy)
+    bad = {k: v for k, v in differences.items() if v > tolerance}
+    assert not bad, f"{what} differ: {bad}"
+
+
+@pytest.mark.parametrize("train_mode", ["pretrain", "finetune", "distill"])
+def test_two_replicas_match_one_replica(train_mode, tmp_path, two_cpu_strategy, classifier_checkpoint):
+    config = tiny_config(train_mode, classifier_checkpoint if train_mode != "pretrain" else None)
+    default = tf.distribute.get_strategy()
+    experiment = Experiment.create(config, str(tmp_path / "data"), default)
+    batch = random_batch(experiment.replica_train_dataset(GLOBAL_BATCH).element_spec)
+
+    single, initial, (single_loss,) = one_step(config, tmp_path / "single", default, batch)
+    assert not single.model.global_bn  # one replica: nothing to synchronise
+    dist, _, dist_losses = one_step(config, tmp_path / "mirrored", two_cpu_strategy, batch, weights=initial)
+    assert dist.model.global_bn and len(dist_losses) == 2
+
+    # The loss of the global batch is the mean of the replicas' losses.
+    np.testing.assert_allclose(np.mean(dist_losses), single_loss, rtol=1e-5)
+    # Big updates, so matching them below is not trivially true.
+    before = dict(zip((id(v) for v in single.model.weights), initial))
+    moved = [np.abs(v.numpy() - before[id(v)]).max() for v in single.model.trainable_variables]
+    assert np.median(moved) > 1e-4 and max(moved) > 1e-2
+    assert_same_variables(single.model.trainable_variables, dist.model.trainable_variables,
+                          two_cpu_strategy, "weights")
+    moving = [v for v in single.model.non_trainable_variables if "moving_" in v.path]
+    assert moving
+    assert_same_variables(moving, [v for v in dist.model.non_trainable_variables if "moving_" in v.path],
+                          two_cpu_strategy, "BN statistics")
+    assert_same_variables(single.optimizer.variables, dist.optimizer.variables, two_cpu_strategy,
+                          "optimizer")
+    assert int(dist.optimizer.iterations.numpy()) == 1
+
+
+def test_the_comparison_detects_per_replica_batch_norm(tmp_path, two_cpu_strategy):
+    # Control: without global BN each replica normalises by its own half-batch
+    # statistics, and the same comparison must fail by far.
+    config = tiny_config("pretrain", None, global_bn=False)
+    default = tf.distribute.get_strategy()
+    batch = random_batch(Experiment.create(config, str(tmp_path / "data"), default)
+                         .replica_train_dataset(GLOBAL_BATCH).element_spec)
+    single, initial, _ = one_step(config, tmp_path / "single", default, batch)
+    dist, _, _ = one_step(config, tmp_path / "mirrored", two_cpu_strategy, batch, weights=initial)
+    assert not dist.model.global_bn
+    differences = max_difference(single.model.trainable_variables, dist.model.trainable_variables, two_cpu_strategy)
+    assert max(differences.values()) > 100 * TOLERANCE
