@@ -495,15 +495,21 @@ class FolderSource:
         ds = _in_memory_dataset(
             paths, labels, shuffle_files=shuffle_files, input_context=input_context, seed=seed
         )
-        return decode_image_files(ds, skip_bad=self.skip_bad_images, num_files=len(paths))
+        # The files of this pipeline's shard, known to tf.data.
+        return decode_image_files(ds, skip_bad=self.skip_bad_images, num_files=int(ds.cardinality()))
 
 
 # --------------------------------------------------------------------------- TFDS
 
 
 def _short_tfds_error(error: Exception) -> str:
-    """TFDS's message without its list of ~1,000 available dataset names."""
-    return "\n".join(line for line in str(error).splitlines() if not line.startswith("\t- "))
+    """TFDS's message up to its list of ~1,000 available names and its generic checklist."""
+    lines = []
+    for line in str(error).splitlines():
+        if line.startswith("Available datasets:"):
+            break
+        lines.append(line)
+    return "\n".join(line for line in lines if not line.startswith("\t- ")).strip()
 
 
 # Hash of a TFDS example id (`tfds_id`, '<file>__<index in file>'): int64 Fingerprint64,
