@@ -134,6 +134,7 @@ def main(argv: list[str]) -> None:
     # Imported late so that `--help` and flag errors don't wait for TensorFlow.
     import tensorflow as tf
 
+    from simclr_tf.data.sources import bad_image_message
     from simclr_tf.train import train_and_evaluate
 
     from simclr_tf.train.experiment import check_model_dir, write_json
@@ -151,6 +152,12 @@ def main(argv: list[str]) -> None:
         train_and_evaluate(config, model_dir)
     except config_lib.FlagError as error:
         raise app.UsageError(str(error)) from None
+    except tf.errors.InvalidArgumentError as error:
+        # An unreadable image surfaces deep inside tf.data: print its one-line message instead.
+        message = bad_image_message(error.message)
+        if message is None:
+            raise
+        raise SystemExit(f"Error: {message}") from None
 
 
 def run() -> None:

@@ -146,3 +146,23 @@ def test_run_py_prints_a_model_dir_error_without_a_traceback(tmp_path):
     assert completed.returncode == 1
     assert "--width_multiplier=2.0 there, 0.25 here" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_run_py_names_an_unreadable_image_in_one_line(tmp_path):
+    from PIL import Image
+
+    for split, count in (("train", 4), ("validation", 2)):
+        for cls in ("a", "b"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "data" / split / cls / f"{i}.png")
+    broken = tmp_path / "data" / "train" / "b" / "broken.jpg"
+    broken.write_bytes(b"<html>404</html>")
+    command = [sys.executable, str(REPO / "run.py"), f"--model_dir={tmp_path}/run", f"--dataset=folder:{tmp_path}/data",
+               "--train_steps=2", "--train_batch_size=4", "--image_size=8", "--width_multiplier=0.25"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 1
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert last_line == (f"Error: Cannot decode image file {broken} (not a JPEG/PNG/GIF/BMP, or truncated or "
+                         "corrupt): remove or replace it, or pass --skip_bad_images to skip such files.")
+    assert "Traceback" not in completed.stderr

@@ -2,14 +2,15 @@
 
 Measures, for one configuration (images counted once, whatever the number of views):
   (a) the input pipeline alone, (b) the training step on one in-memory batch repeated,
-  (c) the whole loop (pipeline + step);
+  (c) the training loop as run.py runs it (pipeline + step + metrics);
 and the model's FLOPs per image (forward pass from the graph, training ~ 3x forward per
 view), the step's achieved FLOP/s, and a dense matmul and a plain 3x3 convolution timed
-in the same process as the machine's practical peak. Also peak RSS.
+in the same process as the machine's practical peak. Also peak RSS, and with
+--profile_dir the time per op type from a profiler trace.
 
   python tools/benchmark.py --dataset=folder:../shared/datasets/cifar10 --eval_split='train[90%:]' \
       --resnet_depth=18 --width_multiplier=1 --train_batch_size=128 [--precision=mixed_bfloat16] \
-      [--jit_compile] [--json]
+      [--jit_compile] [--json] [--profile_dir=/tmp/profile]
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="Timed steps (after warm-up ones).")
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
+    parser.add_argument("--profile_dir", default="",
+                        help="Also trace --steps steps with the TF profiler into this directory "
+                             "(TensorBoard's Profile tab reads it) and report the op types that took the most time.")
+    parser.add_argument("--top_ops", type=int, default=15, help="Op types listed with --profile_dir.")
     return parser.parse_args(argv)
 
 
@@ -129,20 +134,23 @@ def run(args: argparse.Namespace) -> dict:
         _ = state.optimizer.iterations.numpy()
         step_only = batch * args.steps / (time.perf_counter() - start)
 
+        # The training loop's own tf.function (metrics, NaN guard), as run.py runs it.
+        _, run_steps = trainer.make_training_loop(experiment, state)
         iterator = iter(experiment.train_dataset())
-
-        @tf.function
-        def loop(num_steps):
-            for _ in tf.range(num_steps):
-                strategy.run(step_fn, args=(next(iterator),))
-
-        loop(tf.constant(args.warmup_steps))
+        run_steps(iterator, tf.constant(args.warmup_steps))
         start = time.perf_counter()
-        loop(tf.constant(args.steps))
+        run_steps(iterator, tf.constant(args.steps))
         _ = state.optimizer.iterations.numpy()
         whole_loop = batch * args.steps / (time.perf_counter() - start)
 
         forward = forward_flops_per_image(state.model, config.model.image_size)
+        top_ops = []
+        if args.profile_dir:
+            tf.profiler.experimental.start(args.profile_dir)
+            repeated_step(tf.constant(args.steps))
+            _ = state.optimizer.iterations.numpy()
+            tf.profiler.experimental.stop()
+            top_ops = op_time_by_type(latest_xplane(args.profile_dir), args.top_ops, args.steps)
     # Training: forward + backward (~2x forward) for each of the two views.
     train_flops = 3 * 2 * forward
     peaks = peak_flops(args.steps)
@@ -160,14 +168,46 @@ def run(args: argparse.Namespace) -> dict:
         "pipeline_over_step": pipeline / step_only,
         # Linux reports kilobytes.
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        **({"ms_per_step_by_op_type": top_ops} if top_ops else {}),
     }
 
 
+def latest_xplane(profile_dir: str) -> str:
+    paths = sorted(pathlib.Path(profile_dir).glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    if not paths:
+        raise FileNotFoundError(f"--profile_dir={profile_dir}: the profiler wrote no *.xplane.pb there")
+    return str(paths[-1])
+
+
+def op_time_by_type(xplane_path: str, top: int, steps: int) -> list[tuple[str, float]]:
+    """(op type, milliseconds per step) summed over threads, the largest first."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(pathlib.Path(xplane_path).read_bytes())
+    totals: dict[str, float] = {}
+    for plane in space.planes:
+        if not plane.name.startswith("/host:CPU"):
+            continue
+        for line in plane.lines:
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                # Op events are "<op name>:<op type>"; runtime events look like "A::B" or "A: B".
+                if ":" not in name or "::" in name or ": " in name:
+                    continue
+                op_type = name.rsplit(":", 1)[1]
+                totals[op_type] = totals.get(op_type, 0.0) + event.duration_ps / 1e9 / steps
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
 def table(result: dict) -> str:
-    rows = [(k, v) for k, v in result.items() if k != "config"]
+    rows = [(k, v) for k, v in result.items() if k not in ("config", "ms_per_step_by_op_type")]
     width = max(len(k) for k, _ in rows)
     lines = [f"config: {json.dumps(result['config'], sort_keys=True)}"]
     lines += [f"{k.ljust(width)}  {v:10.2f}" for k, v in rows]
+    if "ms_per_step_by_op_type" in result:
+        lines.append("ms per step by op type (summed over threads):")
+        lines += [f"  {k.ljust(width - 2)}  {v:10.1f}" for k, v in result["ms_per_step_by_op_type"]]
     return "\n".join(lines)
 
 

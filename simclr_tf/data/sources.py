@@ -363,6 +363,20 @@ def _decode_or_flag(path: tf.Tensor, label: tf.Tensor) -> tf.data.Dataset:
     return decoded.concatenate(placeholder).take(1).map(lambda image, ok: (image, label, ok, path))
 
 
+BAD_IMAGE_ERROR = "Cannot decode image file"
+BAD_IMAGE_ADVICE = (
+    "(not a JPEG/PNG/GIF/BMP, or truncated or corrupt): remove or replace it, or pass "
+    "--skip_bad_images to skip such files."
+)
+
+
+def bad_image_message(error_message: str) -> str | None:
+    """The one-line "Cannot decode image file <path> ..." inside a tf.data error, or None if it has none."""
+    # tf.debugging.Assert prints its data as "[item] [item] [item]".
+    match = re.search(re.escape(f"[{BAD_IMAGE_ERROR}] [") + r"(.*?)\] \[", error_message)
+    return f"{BAD_IMAGE_ERROR} {match.group(1)} {BAD_IMAGE_ADVICE}" if match else None
+
+
 def decode_image_files(ds: tf.data.Dataset, *, skip_bad: bool, num_files: int) -> tf.data.Dataset:
     """`(path, label)` -> `(uint8 (H, W, 3), label)`, naming any file that cannot be decoded.
 
@@ -376,11 +390,7 @@ def decode_image_files(ds: tf.data.Dataset, *, skip_bad: bool, num_files: int) -
     if not skip_bad:
 
         def check(image, label, ok, path):
-            tf.debugging.Assert(
-                ok,
-                ["Cannot decode image file", path, "(not a JPEG/PNG/GIF/BMP, or truncated or "
-                 "corrupt): remove or replace it, or pass --skip_bad_images to skip such files."],
-            )
+            tf.debugging.Assert(ok, [BAD_IMAGE_ERROR, path, BAD_IMAGE_ADVICE])
             return image, label
 
         return ds.map(check, num_parallel_calls=tf.data.AUTOTUNE)

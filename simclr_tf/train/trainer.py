@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from typing import Callable
@@ -73,28 +72,8 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
     cfg = experiment.config
     strategy = experiment.strategy
     state = state or build_train_state(experiment)
-    model, optimizer, loss_fn = state.model, state.optimizer, state.loss_fn
-    with strategy.scope():
-        metrics = MeanMetrics(loss_fn.metric_names(model), prefix="train")
-    step_fn = make_train_step(experiment, state)
-
-    def replica_step(batch):
-        values = step_fn(batch)
-        metrics.update(values)
-        return values[steps_lib.FINITE]
-
-    @tf.function
-    def run_steps(iterator, num_steps):
-        """Runs up to num_steps steps; returns the first non-finite step's number, else -1."""
-        bad_step = tf.constant(-1, tf.int64)
-        # tf.range keeps this a graph loop instead of unrolling num_steps copies.
-        for _ in tf.range(num_steps):
-            finite = strategy.run(replica_step, args=(next(iterator),))
-            # The same on every replica; that step's update was skipped.
-            if not strategy.experimental_local_results(finite)[0]:
-                bad_step = optimizer.iterations + 1
-                break
-        return bad_step
+    model, optimizer = state.model, state.optimizer
+    metrics, run_steps = make_training_loop(experiment, state)
 
     step = int(optimizer.iterations.numpy())
     if step >= experiment.train_steps:
@@ -160,20 +139,57 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
     return state
 
 
+def make_training_loop(experiment: Experiment, state: TrainState) -> tuple[MeanMetrics, Callable]:
+    """The metrics the loop accumulates, and `run_steps(iterator, num_steps)`, a tf.function.
+
+    `run_steps` runs up to num_steps steps and returns the first non-finite step's number,
+    else -1 (that step's update was skipped, on every replica).
+    """
+    strategy, optimizer = experiment.strategy, state.optimizer
+    with strategy.scope():
+        metrics = MeanMetrics(state.loss_fn.metric_names(state.model), prefix="train")
+    step_fn = make_train_step(experiment, state)
+
+    def replica_step(batch):
+        values = step_fn(batch)
+        metrics.update(values)
+        return values[steps_lib.FINITE]
+
+    @tf.function
+    def run_steps(iterator, num_steps):
+        bad_step = tf.constant(-1, tf.int64)
+        # tf.range keeps this a graph loop instead of unrolling num_steps copies.
+        for _ in tf.range(num_steps):
+            finite = strategy.run(replica_step, args=(next(iterator),))
+            # The same on every replica.
+            if not strategy.experimental_local_results(finite)[0]:
+                bad_step = optimizer.iterations + 1
+                break
+        return bad_step
+
+    return metrics, run_steps
+
+
 def make_train_step(experiment: Experiment, state: TrainState) -> Callable[[steps_lib.Batch], steps_lib.Metrics]:
     """This run's per-replica `steps.train_step`, XLA-compiled with --jit_compile."""
     cfg = experiment.config
-    step_fn = functools.partial(
-        steps_lib.train_step,
-        model=state.model,
-        optimizer=state.optimizer,
-        loss_fn=state.loss_fn,
-        decayed_variables=losses.variables_with_loss_weight_decay(
-            state.model.trainable_variables, cfg.optim.optimizer
-        ),
-        weight_decay=cfg.optim.weight_decay,
-        num_replicas=experiment.strategy.num_replicas_in_sync,
+    decayed_variables = losses.variables_with_loss_weight_decay(
+        state.model.trainable_variables, cfg.optim.optimizer
     )
+
+    # A closure, not functools.partial: tf.function would trace a partial's bound
+    # arguments (lists of Keras variables) as inputs, which fails inside strategy.run.
+    def step_fn(batch: steps_lib.Batch) -> steps_lib.Metrics:
+        return steps_lib.train_step(
+            batch,
+            model=state.model,
+            optimizer=state.optimizer,
+            loss_fn=state.loss_fn,
+            decayed_variables=decayed_variables,
+            weight_decay=cfg.optim.weight_decay,
+            num_replicas=experiment.strategy.num_replicas_in_sync,
+        )
+
     if cfg.runtime.jit_compile:
         # Only the step: the input iterator and the loop around it cannot be compiled.
         step_fn = tf.function(step_fn, jit_compile=True)

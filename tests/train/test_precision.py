@@ -120,3 +120,12 @@ def test_mixed_bfloat16_run_trains_evaluates_and_resumes(tmp_path):
     assert 0.0 <= result["eval/label_top_1_accuracy"] <= 1.0 and 0.0 <= result["eval/knn_top_1_accuracy"] <= 1.0
     state = trainer.build_train_state(Experiment.create(config.replace(train={"train_steps": 3}), str(tmp_path)))
     assert state.restore_report.source == "model_dir"
+
+
+def test_jit_compiled_step_runs_inside_the_training_loop(tmp_path):
+    # The compiled step is called through strategy.run inside the loop's tf.function,
+    # which traces it differently from a direct call.
+    config = tiny_config("float32", jit_compile=True)
+    result = train_and_evaluate(config.replace(train={"mode": "train_then_eval"}), str(tmp_path))
+    assert result["global_step"] == 2
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
