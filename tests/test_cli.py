@@ -166,3 +166,26 @@ def test_run_py_names_an_unreadable_image_in_one_line(tmp_path):
     assert last_line == (f"Error: Cannot decode image file {broken} (not a JPEG/PNG/GIF/BMP, or truncated or "
                          "corrupt): remove or replace it, or pass --skip_bad_images to skip such files.")
     assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("dataset,kept_out", [("mnist5k", True), ("folder:/data", True), ("cifar10", False)])
+def test_runs_keep_keras_optional_imports_out_and_still_train(dataset, kept_out):
+    # In a fresh interpreter, as run.py does before TensorFlow is imported.
+    script = (
+        "import sys\n"
+        "from simclr_tf import cli\n"
+        f"cli.skip_optional_imports_keras_would_load({dataset!r})\n"
+        "import keras, tensorflow as tf\n"
+        "from simclr_tf.data import get_source\n"
+        "from simclr_tf.models import build_model\n"
+        "from simclr_tf.config import ModelConfig\n"
+        "assert get_source('mnist5k').num_examples('train') == 4000\n"
+        "model = build_model(ModelConfig(width_multiplier=0.25, image_size=16), num_classes=10)\n"
+        "model(tf.zeros([2, 16, 16, 3]), training=True)\n"
+        "print(sorted(m for m in cli.OPTIONAL_IMPORTS_UNUSED_BY_RUNS if m in sys.modules and sys.modules[m] is None))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                               cwd=REPO)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    blocked = sorted(cli.OPTIONAL_IMPORTS_UNUSED_BY_RUNS) if kept_out else []
+    assert completed.stdout.strip().splitlines()[-1] == str(blocked)
