@@ -30,10 +30,12 @@ def _numpy_batch_norm(x, gamma, beta, mean, variance):
     return gamma * (x - mean) / np.sqrt(variance + BATCH_NORM_EPSILON) + beta
 
 
+@pytest.mark.parametrize("in_graph", [False, True])  # training runs in a tf.function (other kernels)
 @pytest.mark.parametrize("shape", [(8, 5, 5, 16), (6, 16), (3, 1, 1, 4)])
-def test_training_matches_numpy_and_updates_moving_statistics(shape):
+def test_training_matches_numpy_and_updates_moving_statistics(shape, in_graph):
     fused, _, inputs, (gamma, beta, moving_mean, moving_variance) = _pair(shape)
-    outputs = fused(inputs, training=True).numpy()
+    call = lambda x: fused(x, training=True)  # noqa: E731
+    outputs = (tf.function(call) if in_graph else call)(inputs).numpy()
 
     x = inputs.numpy().reshape(-1, shape[-1]).astype(np.float64)
     mean, variance = x.mean(axis=0), x.var(axis=0)  # biased, as Keras
