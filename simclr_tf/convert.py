@@ -24,13 +24,14 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 from typing import Iterable, Sequence
 
 from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import trackable_object_graph_pb2
+from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
 
 from simclr_tf import export as export_lib
 from simclr_tf.config import Config, ModelConfig
@@ -222,6 +223,91 @@ def read_original_variables(prefix: str) -> tuple[list[OriginalVariable], int]:
 
 
 # ---------------------------------------------------------------------------
+# Which hidden the classifier reads, from a SavedModel's graph
+# ---------------------------------------------------------------------------
+
+# Scopes of the original's exported graph (auto-numbered when a name repeats: `_1`, ...).
+_HEAD_SCOPE = re.compile(r"head_supervised(_\d+)?")
+_PROJECTION_SCOPE = re.compile(r"projection_head(_\d+)?")
+_PROJECTION_LAYER = re.compile(r"n?l_(?P<j>\d+)")  # `nl_<j>` (nonlinear) or `l_0` (linear)
+_PROJECTION_INPUT = re.compile(r"proj_head_input(_\d+)?")
+_BACKBONE_POOL = re.compile(r"final_avg_pool(_\d+)?")
+# Ops between a hidden and the classifier's MatMul that leave the hidden as it is (the
+# projection head's ReLU is part of hidden j+1; pretraining's linear eval adds a StopGradient).
+_PASS_THROUGH = frozenset({"Identity", "IdentityN", "StopGradient", "Cast", "Relu", "Snapshot"})
+
+
+def saved_model_graph_path(prefix: str) -> str | None:
+    """The `saved_model.pb` of the SavedModel whose variables are at `prefix`, if there is one."""
+    directory = os.path.dirname(prefix)
+    if os.path.basename(prefix) != "variables" or os.path.basename(directory) != "variables":
+        return None  # a training checkpoint
+    path = os.path.join(os.path.dirname(directory), "saved_model.pb")
+    return path if tf.io.gfile.exists(path) else None
+
+
+def _hidden_read_by(nodes: dict, ref: str) -> int | None:
+    """Which hidden the tensor `ref` of a graph is: 0 for the backbone's pooled features,
+    j + 1 for projection layer j's output; None when the chain is not the original's."""
+    for _ in range(100):  # chains are a few ops long; this only guards against cycles
+        name, *rest = ref.lstrip("^").split(":")
+        index = int(rest[-1]) if rest and rest[-1].isdigit() else 0
+        node = nodes.get(name)
+        if node is None:  # a function argument or an unknown name: the chain leaves this graph
+            return None
+        scopes = name.split("/")
+        for i, scope in enumerate(scopes[:-1]):
+            if _PROJECTION_SCOPE.fullmatch(scope):
+                layer = _PROJECTION_LAYER.fullmatch(scopes[i + 1])
+                if layer and len(scopes) > i + 2:
+                    return int(layer["j"]) + 1
+                if _PROJECTION_INPUT.fullmatch(scopes[i + 1]) and len(scopes) == i + 2:
+                    return 0
+        if scopes[0].startswith("resnet") and _BACKBONE_POOL.fullmatch(scopes[-1]):
+            return 0
+        inputs = [i for i in node.input if not i.startswith("^")]
+        if node.op not in _PASS_THROUGH or not inputs:
+            return None
+        ref = inputs[index if node.op == "IdentityN" else 0]
+    return None
+
+
+def read_graph_ft_proj_selector(path: str) -> int | None:
+    """The projection hidden the classifier of the original SavedModel `path`
+    (`saved_model.pb`) reads, found by parsing its graph (which is never run).
+
+    The original exports its model call as functions in which the classifier's dense layer
+    is a MatMul under `head_supervised/`; its input, followed back through identities,
+    comes from `projection_head/proj_head_input` or `resnet/final_avg_pool` (hidden 0) or
+    from projection layer `projection_head/nl_<j>/...` (hidden j + 1). Returns None when no
+    such chain is found or the functions disagree.
+    """
+    saved_model = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        saved_model.ParseFromString(f.read())
+    graphs = []
+    for meta_graph in saved_model.meta_graphs:
+        graphs.append(meta_graph.graph_def.node)
+        graphs.extend(function.node_def for function in meta_graph.graph_def.library.function)
+    found = set()
+    for graph_nodes in graphs:
+        nodes = {node.name: node for node in graph_nodes}
+        for node in graph_nodes:
+            scopes = node.name.split("/")
+            if node.op == "MatMul" and any(_HEAD_SCOPE.fullmatch(s) for s in scopes[:-1]) and node.input:
+                selector = _hidden_read_by(nodes, node.input[0])
+                if selector is not None:
+                    found.add(selector)
+    if len(found) == 1:
+        return found.pop()
+    if found:
+        logging.warning("%s: the classifier reads different hiddens %s in different functions", path, sorted(found))
+    else:
+        logging.warning("%s: found no classifier reading the backbone or a projection layer", path)
+    return None
+
+
+# ---------------------------------------------------------------------------
 # Architecture
 # ---------------------------------------------------------------------------
 
@@ -290,21 +376,25 @@ def infer_architecture(
     variables: Sequence[OriginalVariable],
     *,
     ft_proj_selector: int | None = None,
+    graph_ft_proj_selector: int | None = None,
     sk_ratio: float | None = None,
     se_ratio: float | None = None,
 ) -> Architecture:
     """Depth, width, SK, SE, stem, heads and classes, from the variables' structure and shapes.
 
-    Two things shapes cannot always tell: `sk_ratio` when every SK mixing layer has the
-    minimum width 32 (the paper's 0.0625 is then assumed), and `ft_proj_selector` when
-    several projection hiddens have the supervised head's input width (0, the original's
-    default, is then assumed). Pass them to override.
+    Two things shapes cannot always tell. `sk_ratio` when every SK mixing layer has the
+    minimum width 32: the paper's 0.0625 is then assumed (pass it to override).
+    `ft_proj_selector` when several projection hiddens have the classifier's input width
+    (for ResNet-50 1x the backbone and both middle layers are 2048 wide): it comes from
+    `graph_ft_proj_selector` (read from a SavedModel's graph), else from
+    `ft_proj_selector`, else ConversionError asks for it. Both given must agree.
     """
     parts = _by_part(variables)
     backbone = _backbone_architecture(parts, sk_ratio=sk_ratio, se_ratio=se_ratio)
     block_type = RESNET_SPECS[backbone["resnet_depth"]][0]
     features = (512 if block_type == "basic" else 2048) * backbone["width_multiplier"]
-    return Architecture(**backbone, **_head_architecture(parts, features, ft_proj_selector))
+    head = _head_architecture(parts, features, ft_proj_selector, graph_ft_proj_selector)
+    return Architecture(**backbone, **head)
 
 
 def _backbone_architecture(parts: dict, *, sk_ratio: float | None, se_ratio: float | None) -> dict:
@@ -347,7 +437,7 @@ def _backbone_architecture(parts: dict, *, sk_ratio: float | None, se_ratio: flo
     )
 
 
-def _head_architecture(parts: dict, features: float, ft_proj_selector: int | None) -> dict:
+def _head_architecture(parts: dict, features: float, given: int | None, read: int | None) -> dict:
     num_layers = sum(1 for key in parts if key[0] == "projection")
     if sorted(key[1] for key in parts if key[0] == "projection") != list(range(num_layers)):
         raise ConversionError("the projection head's layers are not numbered 0..n-1")
@@ -358,28 +448,42 @@ def _head_architecture(parts: dict, features: float, ft_proj_selector: int | Non
         linear = num_layers == 1 and any("/l_0/" in f"/{v.name}/" for v in parts[("projection", 0)])
         mode, out_dim = ("linear" if linear else "nonlinear"), dense[-1][1]
 
-    num_classes, selector = None, ft_proj_selector or 0
+    widths = [features] + [shape[1] for shape in dense]  # of hiddens 0..num_layers
+    if given is not None and not -len(widths) <= given < len(widths):
+        raise ConversionError(f"--ft_proj_selector={given}: the checkpoint has hiddens 0..{num_layers} only")
+    num_classes, selector = None, given or 0
     head = _kernels(parts.get(("supervised_head",), []))
     if head:
         num_classes = head[0][1]
-        widths = [features] + [shape[1] for shape in dense]  # of hiddens 0..num_layers
         fits = [k for k, w in enumerate(widths) if w == head[0][0]]
-        given = ft_proj_selector
-        if given is not None and (not -len(widths) <= given < len(widths) or given % len(widths) not in fits):
+        if read is not None and given is not None and given % len(widths) != read:
             raise ConversionError(
-                f"--ft_proj_selector={given}: the supervised head reads {head[0][0]} features; "
+                f"--ft_proj_selector={given} disagrees with the SavedModel's graph (saved_model.pb), "
+                f"whose classifier reads hidden {read} ({'the backbone' if read == 0 else f'projection layer {read - 1}'}); "
+                f"drop --ft_proj_selector or pass {read}"
+            )
+        selector = read if read is not None else given
+        if selector is not None and selector % len(widths) not in fits:
+            what = f"the SavedModel graph's hidden {read}" if read is not None else f"--ft_proj_selector={given}"
+            raise ConversionError(
+                f"{what}: the supervised head reads {head[0][0]} features; "
                 f"the hiddens 0..{num_layers} have widths {widths}"
             )
         if not fits:
             raise ConversionError(
                 f"the supervised head reads {head[0][0]} features; no projection hidden has that width ({widths})"
             )
-        if given is None:
-            selector = 0 if 0 in fits else fits[-1]
+        if selector is None:
             if len(fits) > 1:
-                logging.warning(
-                    "ft_proj_selector: hiddens %s all fit the supervised head; assuming %d", fits, selector
+                raise ConversionError(
+                    f"--ft_proj_selector is needed: the supervised head reads {head[0][0]} features and hiddens "
+                    f"{fits} (0 = the backbone, k = projection layer k-1) all have that width, and no "
+                    "SavedModel graph (saved_model.pb) tells which one it reads. Pass the value the "
+                    "model was trained with: 0 for pretrained models (the original's default), 1 for "
+                    "models fine-tuned as the original README does (--ft_proj_selector=1); or "
+                    "--drop_supervised_head to leave the classifier out."
                 )
+            selector = fits[0]
     return dict(
         proj_head_mode=mode,
         num_proj_layers=max(num_layers, 1) if mode == "nonlinear" else 3,
@@ -470,6 +574,7 @@ class Conversion:
     step: int  # the original's global step (0 for SavedModels)
     source: str  # the checkpoint prefix read
     pairs: list[tuple[OriginalVariable, keras.Variable]]
+    selector_from: str = ""  # where ft_proj_selector came from (a saved_model.pb, the flag, ...)
 
 
 def load_original(
@@ -484,7 +589,8 @@ def load_original(
     """Builds our model for an original checkpoint and gives it the checkpoint's values.
 
     `supervised_head=False` leaves the original's classifier out (fine-tuning on other
-    classes); the other arguments override what `infer_architecture` would infer.
+    classes); the other arguments override what `infer_architecture` would infer. Which
+    hidden the classifier reads is read from the SavedModel's graph when `source` has one.
     """
     if _our_config(source) is not None:
         raise ConversionError(f"{source} is already a checkpoint of this package (it has a config.json)")
@@ -493,8 +599,22 @@ def load_original(
     if not supervised_head:
         variables = [v for v in variables if not v.path.startswith("supervised_head/")]
     _raise_if_any(_outside_parts(variables))  # before inferring anything from the rest
+    graph_selector, selector_from = None, "--ft_proj_selector" if ft_proj_selector is not None else "shapes"
+    graph = saved_model_graph_path(prefix)
+    has_head = any(v.path.startswith("supervised_head/") for v in variables)
+    if not has_head:
+        selector_from = selector_from if ft_proj_selector is not None else "default (no supervised head)"
+    elif graph is not None:
+        graph_selector = read_graph_ft_proj_selector(graph)
+        if graph_selector is not None:
+            selector_from = graph
+            logging.info("%s: the classifier reads hidden %d (ft_proj_selector)", graph, graph_selector)
     architecture = infer_architecture(
-        variables, ft_proj_selector=ft_proj_selector, sk_ratio=sk_ratio, se_ratio=se_ratio
+        variables,
+        ft_proj_selector=ft_proj_selector,
+        graph_ft_proj_selector=graph_selector,
+        sk_ratio=sk_ratio,
+        se_ratio=se_ratio,
     )
     model_config = architecture.model_config(image_size)
     model = build_model(model_config, num_classes=architecture.num_classes, global_bn=False)
@@ -503,7 +623,7 @@ def load_original(
     for original, weight in pairs:
         weight.assign(reader.get_tensor(original.key))
     logging.info("Loaded %d variables of %s into %s", len(pairs), prefix, architecture)
-    return Conversion(model, Config(model=model_config), architecture, step, prefix, pairs)
+    return Conversion(model, Config(model=model_config), architecture, step, prefix, pairs, selector_from)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -511,6 +631,7 @@ class ConvertedCheckpoint:
     checkpoint: str  # our checkpoint prefix, <output_dir>/ckpt-<step>
     config: Config
     saved_model: str | None  # <output_dir>/saved_model/<step>, if exported
+    selector_from: str = ""  # where ft_proj_selector came from (see Conversion)
 
 
 def convert_checkpoint(
@@ -537,6 +658,7 @@ def convert_checkpoint(
             "checkpoint_read": conversion.source,
             "step": conversion.step,
             "architecture": dataclasses.asdict(conversion.architecture),
+            "ft_proj_selector_from": conversion.selector_from,
             "variables": {
                 our_paths[id(weight)]: {"original": o.name, "key": o.key, "shape": list(o.shape)}
                 for o, weight in conversion.pairs
@@ -547,7 +669,7 @@ def convert_checkpoint(
     if export_saved_model:
         saved_model = export_lib.export_step(model, output_dir, conversion.step, keep_max=1)
     logging.info("Wrote %s (%d variables) and its config.json", path, len(conversion.pairs))
-    return ConvertedCheckpoint(path, conversion.config, saved_model)
+    return ConvertedCheckpoint(path, conversion.config, saved_model, conversion.selector_from)
 
 
 # ---------------------------------------------------------------------------
@@ -581,13 +703,20 @@ def prepare_checkpoint(source: str, output_dir: str, **kwargs) -> tuple[str, Con
 
 
 def load_pretrained(
-    source: str, *, image_size: int | None = None, supervised_head: bool = True
+    source: str,
+    *,
+    image_size: int | None = None,
+    supervised_head: bool = True,
+    ft_proj_selector: int | None = None,
 ) -> tuple[keras.Model, Config]:
     """Our model with the weights of `source`: an original SavedModel or checkpoint
-    (converted in memory), or a checkpoint of ours next to its config.json."""
+    (converted in memory; `ft_proj_selector` as for `load_original`), or a checkpoint of
+    ours next to its config.json."""
     config = _our_config(source)
     if config is None:
-        conversion = load_original(source, image_size=image_size, supervised_head=supervised_head)
+        conversion = load_original(
+            source, image_size=image_size, supervised_head=supervised_head, ft_proj_selector=ft_proj_selector
+        )
         return conversion.model, conversion.config
     if image_size:
         config = config.replace(model={"image_size": image_size})
@@ -719,3 +848,79 @@ def save_in_original_layout(model: keras.Model, prefix: str, *, global_step: int
     """Writes `model` as a training checkpoint of the original `tf2/run.py` would hold it."""
     values = {path: np.asarray(weight.numpy()) for path, weight in original_layout(model)}
     return write_original_checkpoint(values, prefix, global_step=global_step)
+
+
+def write_original_graph(
+    directory: str,
+    *,
+    features: int,
+    num_proj_layers: int,
+    proj_out_dim: int,
+    num_classes: int,
+    ft_proj_selector: int,
+    linear_eval_while_pretraining: bool = False,
+) -> str:
+    """Writes `<directory>/saved_model.pb`: a SavedModel graph from the backbone's last
+    feature map to the classifier, with the op names, scopes and op types the original's
+    export has along that path (`resnet/final_avg_pool`, `projection_head/proj_head_input`,
+    `projection_head/nl_<j>/...`, `projection_head/Relu_<n>`, `head_supervised/linear_layer/
+    dense_<n>/MatMul`), for a nonlinear head whose classifier reads hidden
+    `ft_proj_selector`. Weights are zeros: only the structure is meant to be read."""
+    widths = [features] * num_proj_layers + [proj_out_dim]  # the inputs and last output of the layers
+
+    class Exported(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, features], tf.float32)])
+        def __call__(self, block_group4):
+            with tf.name_scope("resnet"):
+                pooled = tf.identity(tf.reduce_mean(block_group4, [1, 2], name="Mean"), name="final_avg_pool")
+            with tf.name_scope("projection_head"):
+                hiddens = [tf.identity(pooled, name="proj_head_input")]
+                for j in range(num_proj_layers):
+                    # Auto-numbered like the original's (its batch norms are numbered after the backbone's).
+                    number = 21 + j
+                    with tf.name_scope(f"nl_{j}"):
+                        with tf.name_scope("dense" if j == 0 else f"dense_{j}"):
+                            x = tf.matmul(hiddens[-1], tf.zeros([widths[j], widths[j + 1]]), name="MatMul")
+                        with tf.name_scope(f"batch_norm_relu_{number}"):
+                            with tf.name_scope(f"sync_batch_normalization_{number}"):
+                                with tf.name_scope("batchnorm"):
+                                    x = tf.add(tf.multiply(x, 1.0, name="mul_1"), 0.0, name="add_1")
+                    if j != num_proj_layers - 1:
+                        x = tf.nn.relu(x)
+                    hiddens.append(x)
+                output = tf.identity(hiddens[-1], name="proj_head_output")
+            selected = hiddens[ft_proj_selector]
+            if linear_eval_while_pretraining:
+                selected = tf.stop_gradient(selected)
+            with tf.name_scope("head_supervised"):
+                with tf.name_scope("linear_layer"):
+                    with tf.name_scope(f"dense_{num_proj_layers}"):
+                        width = widths[ft_proj_selector % len(widths)]
+                        logits = tf.matmul(selected, tf.zeros([width, num_classes]), name="MatMul")
+                logits = tf.identity(logits, name="logits_sup")
+            return {"final_avg_pool": pooled, "proj_head_output": output, "logits_sup": logits}
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tf.saved_model.save(Exported(), scratch)
+        tf.io.gfile.makedirs(directory)
+        path = os.path.join(directory, "saved_model.pb")
+        tf.io.gfile.copy(os.path.join(scratch, "saved_model.pb"), path, overwrite=True)
+    return path
+
+
+def save_as_original_saved_model(model: keras.Model, directory: str) -> str:
+    """Writes `model` as a SavedModel directory of the original would hold it: its variables
+    (`variables/variables`) and the graph of `write_original_graph` for its heads."""
+    values = {path: np.asarray(weight.numpy()) for path, weight in original_layout(model)}
+    write_original_checkpoint(values, os.path.join(directory, "variables", "variables"))
+    head = model.projection_head
+    if model.supervised_head is not None and head.mode == "nonlinear":
+        write_original_graph(
+            directory,
+            features=head.linear_layers[0].dense.kernel.shape[0],
+            num_proj_layers=head.num_layers,
+            proj_out_dim=head.out_dim,
+            num_classes=model.supervised_head.linear_layer.dense.kernel.shape[1],
+            ft_proj_selector=head.ft_proj_selector,
+        )
+    return directory

@@ -14,6 +14,11 @@ teacher's from it), `conversion.json` (which original variable went where) and, 
 `--export_saved_model`, our SavedModel export under `saved_model/<step>/`. It prints the
 `run.py` flags that build the same model. Exits 1 with the list of the variables it cannot
 place (name and shape) if the checkpoint does not fit.
+
+Which hidden the classifier reads (`ft_proj_selector`) is read from the SavedModel's graph
+(`saved_model.pb`, parsed, never run). Without a graph (a training checkpoint, or a copy of
+`variables/` only) it is read from shapes when only one hidden has the classifier's input
+width; otherwise the tool exits 1 asking for `--ft_proj_selector`.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--ft_proj_selector", type=int, default=None,
-        help="projection hidden the supervised head reads, when shapes leave it open (default 0)",
+        help="hidden the supervised head reads (0: backbone, k: projection layer k-1); read from a "
+        "SavedModel's saved_model.pb when present, else needed when shapes leave it open",
     )
     parser.add_argument("--sk_ratio", type=float, default=None, help="override the inferred SK ratio")
     parser.add_argument("--se_ratio", type=float, default=None, help="override the inferred SE ratio")
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     model = converted.config.model
     print(f"Wrote {converted.checkpoint}")
+    print(f"ft_proj_selector={model.ft_proj_selector} (from {converted.selector_from})")
     if converted.saved_model:
         print(f"Wrote {converted.saved_model}")
     print("run.py flags for this model:")

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import pathlib
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -75,7 +76,11 @@ def test_converted_released_format_matches_every_reference_output(tmp_path):
     # A SavedModel's variables (positional keys) -> our checkpoint -> the restore
     # --checkpoint and eval use -> the original's outputs at every named layer.
     fixture = _fixture("r18_1x_sk0_64px")
-    converted = convert.convert_checkpoint(str(fixture / "saved_model"), str(tmp_path), image_size=64)
+    # Pretrained with linear eval, whose classifier reads the backbone (hidden 0); the copy
+    # has no saved_model.pb to tell, and its hiddens 0..2 are all 512 wide.
+    converted = convert.convert_checkpoint(
+        str(fixture / "saved_model"), str(tmp_path), image_size=64, ft_proj_selector=0
+    )
     assert converted.checkpoint == str(tmp_path / "ckpt-0")
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
     original = _fixture_config("r18_1x_sk0_64px")
@@ -107,7 +112,7 @@ def test_converted_released_format_matches_every_reference_output(tmp_path):
 )
 def test_architecture_and_layout_match_the_original(fixture, kwargs, size):
     original = _listed_variables(fixture)
-    architecture = convert.infer_architecture(original)
+    architecture = convert.infer_architecture(original, ft_proj_selector=0)
     assert architecture == convert.Architecture(
         **{"sk_ratio": 0.0, **kwargs}, se_ratio=0.0, cifar_stem=False, proj_head_mode="nonlinear",
         num_proj_layers=3, proj_out_dim=128, ft_proj_selector=0, num_classes=10,
@@ -137,7 +142,7 @@ def _write_listed_checkpoint(variables, prefix) -> dict[str, np.ndarray]:
 def test_places_every_variable_of_the_released_r50_1x_sk1(tmp_path):
     listed = _listed_variables("r50_1x_sk1_224px")
     values = _write_listed_checkpoint(listed, tmp_path / "ckpt-7")
-    conversion = convert.load_original(str(tmp_path / "ckpt-7"))
+    conversion = convert.load_original(str(tmp_path / "ckpt-7"), ft_proj_selector=0)
     model = conversion.model
     assert conversion.architecture.sk_ratio == 0.0625 and conversion.architecture.resnet_depth == 50
     assert len(conversion.pairs) == len(listed) == len(model.weights) == 387
@@ -157,15 +162,15 @@ def test_places_every_variable_of_the_released_r50_1x_sk1(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs,given",
     [
-        dict(resnet_depth=50, sk_ratio=0.0625, se_ratio=0.25, cifar_stem=False),
-        dict(resnet_depth=34, width_multiplier=0.5, se_ratio=0.5, proj_head_mode="linear"),
-        dict(resnet_depth=50, num_proj_layers=2, ft_proj_selector=-1),
-        dict(proj_head_mode="none"),
+        (dict(resnet_depth=50, sk_ratio=0.0625, se_ratio=0.25, cifar_stem=False), 2),
+        (dict(resnet_depth=34, width_multiplier=0.5, se_ratio=0.5, proj_head_mode="linear"), None),
+        (dict(resnet_depth=50, num_proj_layers=2, ft_proj_selector=-1), None),  # by shape: 16 wide
+        (dict(proj_head_mode="none"), None),
     ],
 )
-def test_inverse_round_trip_of_other_architectures(kwargs):
+def test_inverse_round_trip_of_other_architectures(kwargs, given):
     with _shape_only_variables():
         model = SimCLRModel(7, **{**TINY, **kwargs})
         model.build((None, 64, 64, 3))
@@ -173,11 +178,12 @@ def test_inverse_round_trip_of_other_architectures(kwargs):
         if kwargs.get("proj_head_mode") == "linear":  # the original names that layer `l_0`
             variables = [dataclasses.replace(v, name=f"projection_head/l_0/{v.kind}") if "_projection_head" in v.path
                          else v for v in variables]
-        architecture = convert.infer_architecture(variables)
+        architecture = convert.infer_architecture(variables, ft_proj_selector=given)
         config = architecture.model_config(None if architecture.cifar_stem else 64)
         rebuilt = build_model(config, num_classes=architecture.num_classes, global_bn=False)
         pairs = convert.place_variables(rebuilt, variables)
     assert [w.path for _, w in pairs] == [w.path for w in model.weights]
+    assert architecture.ft_proj_selector % 3 == (given or kwargs.get("ft_proj_selector", 0)) % 3
     for key in ("resnet_depth", "sk_ratio", "se_ratio", "proj_head_mode"):
         if key in kwargs:
             assert getattr(architecture, key) == kwargs[key], key
@@ -256,7 +262,8 @@ def converted_dir(tmp_path_factory, tool):
     """A tiny original training checkpoint at step 5, converted by the command-line tool."""
     tmp = tmp_path_factory.mktemp("converted")
     model = _tiny_original(tmp / "original" / "ckpt-5", global_step=5)
-    assert tool.main([f"--source={tmp / 'original'}", f"--output_dir={tmp / 'ours'}", "--export_saved_model"]) == 0
+    args = [f"--source={tmp / 'original'}", f"--output_dir={tmp / 'ours'}", "--export_saved_model"]
+    assert tool.main(args + ["--ft_proj_selector=0"]) == 0  # its hiddens 0..2 are all 128 wide
     return tmp / "ours", model
 
 
@@ -300,3 +307,98 @@ def test_eval_and_distill_accept_a_converted_checkpoint(tmp_path, converted_dir)
     teacher = state.loss_fn.teacher
     for ours_weight, original_weight in zip(teacher.backbone.weights, original.backbone.weights):
         np.testing.assert_array_equal(ours_weight.numpy(), original_weight.numpy())
+
+
+# ---------------------------------------------------------------------------
+# Which hidden the classifier reads (ft_proj_selector)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("selector,linear_eval", [(0, False), (1, False), (2, False), (3, False), (0, True), (2, True)])
+def test_reads_the_classifier_input_from_the_saved_model_graph(tmp_path, selector, linear_eval):
+    # write_original_graph mirrors the op names along the classifier's input in the
+    # original's export (fine-tuned, and pretrained with linear eval behind a StopGradient).
+    path = convert.write_original_graph(
+        str(tmp_path), features=512, num_proj_layers=3, proj_out_dim=128, num_classes=10,
+        ft_proj_selector=selector, linear_eval_while_pretraining=linear_eval,
+    )  # fmt: skip
+    assert convert.read_graph_ft_proj_selector(path) == selector
+
+
+def test_an_unrecognised_graph_tells_nothing(tmp_path):
+    # The classifier's input is a function argument: no chain to follow, so no answer.
+    class Module(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+        def __call__(self, features):
+            with tf.name_scope("head_supervised"):
+                return tf.matmul(features, tf.zeros([8, 2]), name="MatMul")
+
+    tf.saved_model.save(Module(), str(tmp_path))
+    assert convert.read_graph_ft_proj_selector(str(tmp_path / "saved_model.pb")) is None
+
+
+def _with_graph(fixture: pathlib.Path, directory: pathlib.Path, selector: int) -> pathlib.Path:
+    """The fixture's SavedModel variables next to a graph whose classifier reads `selector`."""
+    shutil.copytree(fixture / "saved_model" / "variables", directory / "variables")
+    convert.write_original_graph(
+        str(directory), features=512, num_proj_layers=3, proj_out_dim=128, num_classes=10, ft_proj_selector=selector
+    )
+    return directory
+
+
+def _relative_error(ours, reference) -> float:
+    return float(np.max(np.abs(np.asarray(ours) - reference)) / np.max(np.abs(reference)))
+
+
+@pytest.mark.parametrize("selector", [1, 2])
+def test_converted_fine_tuned_model_gives_the_original_logits(tmp_path, selector):
+    """The shared r18 fixture's variables in the original's model fine-tuned with
+    --ft_proj_selector=k: tests/tools/data/original_logits_selector<k>.npz holds the logits
+    the original code gives on the fixture's `input` (`trainable=False`). Made with the
+    original tf2/ code (commit 383d414, TF 2.21, tf_keras): flags --train_mode=finetune
+    --ft_proj_selector=k --resnet_depth=18 --width_multiplier=1 --image_size=64
+    --num_proj_layers=3 --proj_out_dim=128, `Model(10)` called once, the fixture's
+    saved_model/variables restored into it with `tf.train.Checkpoint(model=model)` (which
+    with --train_mode=pretrain reproduces the fixture's reference outputs to 5e-7), then
+    exported by its run.py `build_saved_model` and called."""
+    fixture = _fixture("r18_1x_sk0_64px")
+    images = np.load(fixture / "reference_outputs.npz")["input"]
+    expected = np.load(REPO / "tests" / "tools" / "data" / f"original_logits_selector{selector}.npz")["logits_sup"]
+    # As released: the graph tells (no flag).
+    conversion = convert.load_original(str(_with_graph(fixture, tmp_path / "saved_model", selector)), image_size=64)
+    assert conversion.architecture.ft_proj_selector == selector
+    assert conversion.selector_from.endswith("saved_model.pb")
+    assert _relative_error(conversion.model(images, training=False)["logits_sup"], expected) < 1e-4
+    # Variables only: the flag tells; the original's default 0 would give other logits.
+    for given in (selector, 0):
+        model = convert.load_original(str(fixture / "saved_model"), image_size=64, ft_proj_selector=given).model
+        error = _relative_error(model(images, training=False)["logits_sup"], expected)
+        assert error < 1e-4 if given == selector else error > 0.1, (given, error)
+
+
+def test_cli_records_the_graph_selector_and_refuses_a_disagreeing_flag(tool, tmp_path, capsys):
+    fixture = _fixture("r18_1x_sk0_64px")
+    source = _with_graph(fixture, tmp_path / "saved_model", 1)
+    args = [f"--source={source}", "--image_size=64"]
+    assert tool.main(args + [f"--output_dir={tmp_path / 'bad'}", "--ft_proj_selector=0"]) == 1
+    error = capsys.readouterr().err
+    assert "--ft_proj_selector=0 disagrees" in error and "reads hidden 1 (projection layer 0)" in error
+    assert not (tmp_path / "bad").exists()
+    assert tool.main(args + [f"--output_dir={tmp_path / 'ours'}"]) == 0
+    assert "--ft_proj_selector=1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model"]["ft_proj_selector"] == 1
+    conversion = json.loads((tmp_path / "ours" / "conversion.json").read_text())
+    assert conversion["architecture"]["ft_proj_selector"] == 1
+    assert conversion["ft_proj_selector_from"] == str(source / "saved_model.pb")
+
+
+def test_ambiguous_checkpoint_without_graph_asks_for_ft_proj_selector(tool, tmp_path, capsys):
+    _tiny_original(tmp_path / "original" / "ckpt-1")  # hiddens 0..2 are all 128 wide
+    assert tool.main([f"--source={tmp_path / 'original'}", f"--output_dir={tmp_path / 'out'}"]) == 1
+    error = capsys.readouterr().err
+    assert "--ft_proj_selector is needed" in error and "hiddens [0, 1, 2]" in error
+    assert not (tmp_path / "out").exists()
+    # Only one hidden as wide as the classifier's input: the shapes tell, no flag needed.
+    _tiny_original(tmp_path / "single" / "ckpt-1", num_proj_layers=1)
+    conversion = convert.load_original(str(tmp_path / "single"))
+    assert conversion.architecture.ft_proj_selector == 0 and conversion.selector_from == "shapes"
