@@ -457,10 +457,10 @@ def _head_architecture(parts: dict, features: float, given: int | None, read: in
         num_classes = head[0][1]
         fits = [k for k, w in enumerate(widths) if w == head[0][0]]
         if read is not None and given is not None and given % len(widths) != read:
+            hidden = "the backbone" if read == 0 else f"projection layer {read - 1}"
             raise ConversionError(
                 f"--ft_proj_selector={given} disagrees with the SavedModel's graph (saved_model.pb), "
-                f"whose classifier reads hidden {read} ({'the backbone' if read == 0 else f'projection layer {read - 1}'}); "
-                f"drop --ft_proj_selector or pass {read}"
+                f"whose classifier reads hidden {read} ({hidden}); drop --ft_proj_selector or pass {read}"
             )
         selector = read if read is not None else given
         if selector is not None and selector % len(widths) not in fits:
@@ -478,9 +478,9 @@ def _head_architecture(parts: dict, features: float, given: int | None, read: in
                 raise ConversionError(
                     f"--ft_proj_selector is needed: the supervised head reads {head[0][0]} features and hiddens "
                     f"{fits} (0 = the backbone, k = projection layer k-1) all have that width, and no "
-                    "SavedModel graph (saved_model.pb) tells which one it reads. Pass the value the "
-                    "model was trained with: 0 for pretrained models (the original's default), 1 for "
-                    "models fine-tuned as the original README does (--ft_proj_selector=1); or "
+                    "SavedModel graph (saved_model.pb) tells which one it reads. Pass the value the model "
+                    "was trained with (ft_proj_selector= in Python): 0 for pretrained models (the "
+                    "original's default), 1 for models fine-tuned as the original README does; or "
                     "--drop_supervised_head to leave the classifier out."
                 )
             selector = fits[0]

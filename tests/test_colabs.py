@@ -26,12 +26,12 @@ NOTEBOOKS = sorted(_generator().NOTEBOOKS)
 
 @pytest.fixture(scope="module")
 def original_checkpoint(tmp_path_factory):
-    """A tiny model with a 10-class head (freshly initialised), saved as the original
-    tf2/run.py saves its checkpoints."""
+    """A tiny model with a 10-class head (freshly initialised), as a released SavedModel of
+    the original holds it: its variables, and a graph telling which hidden the head reads."""
     model = SimCLRModel(10, resnet_depth=18, width_multiplier=0.25, cifar_stem=True, proj_out_dim=16)
     model.build((None, 32, 32, 3))
     directory = tmp_path_factory.mktemp("original")
-    convert.save_in_original_layout(model, str(directory / "ckpt-3"), global_step=3)
+    convert.save_as_original_saved_model(model, str(directory / "saved_model"))
     return directory
 
 
