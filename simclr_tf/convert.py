@@ -599,16 +599,16 @@ def load_original(
     if not supervised_head:
         variables = [v for v in variables if not v.path.startswith("supervised_head/")]
     _raise_if_any(_outside_parts(variables))  # before inferring anything from the rest
-    graph_selector, selector_from = None, "--ft_proj_selector" if ft_proj_selector is not None else "shapes"
-    graph = saved_model_graph_path(prefix)
     has_head = any(v.path.startswith("supervised_head/") for v in variables)
-    if not has_head:
-        selector_from = selector_from if ft_proj_selector is not None else "default (no supervised head)"
-    elif graph is not None:
-        graph_selector = read_graph_ft_proj_selector(graph)
-        if graph_selector is not None:
-            selector_from = graph
-            logging.info("%s: the classifier reads hidden %d (ft_proj_selector)", graph, graph_selector)
+    graph = saved_model_graph_path(prefix) if has_head else None
+    graph_selector = read_graph_ft_proj_selector(graph) if graph else None
+    if graph_selector is not None:
+        selector_from = graph
+        logging.info("%s: the classifier reads hidden %d (ft_proj_selector)", graph, graph_selector)
+    elif ft_proj_selector is not None:
+        selector_from = "--ft_proj_selector"
+    else:
+        selector_from = "shapes" if has_head else "default (no supervised head)"
     architecture = infer_architecture(
         variables,
         ft_proj_selector=ft_proj_selector,
