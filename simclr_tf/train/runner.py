@@ -35,17 +35,25 @@ def train_and_evaluate(
 
 
 def evaluate_continuously(experiment: Experiment, timeout_secs: float | None = None) -> dict | None:
-    """Evaluates each new checkpoint in model_dir until one reaches the final step."""
+    """Evaluates each new checkpoint in model_dir until one reaches the final step.
+
+    A new checkpoint that cannot be read is skipped with a warning (and left in place: the
+    trainer owns the directory) for the newest older one that reads, if not evaluated yet.
+    """
     with experiment.strategy.scope():
         model = experiment.build_model()
-    result = None
-    for path in tf.train.checkpoints_iterator(
+    result, evaluated = None, None
+    for latest in tf.train.checkpoints_iterator(
         experiment.model_dir, min_interval_secs=15, timeout=timeout_secs
     ):
-        step = restore_model_for_eval(model, path)
-        result = evaluation.evaluate(experiment, model, step)
-        if step >= experiment.train_steps:
-            logging.info("Evaluated the final step %d; done", step)
+        path = checkpoints.readable_checkpoint_at_or_before(experiment.model_dir, latest)
+        if path != evaluated:
+            step = restore_model_for_eval(model, path)
+            result = evaluation.evaluate(experiment, model, step)
+            evaluated = path
+        # Judged by the newest checkpoint, readable or not: a finished run saves no more.
+        if checkpoint_step(latest) >= experiment.train_steps:
+            logging.info("The final step's checkpoint is in (evaluated %s); done", path)
             break
     return result
 
@@ -70,6 +78,10 @@ def evaluate_checkpoint(experiment: Experiment, checkpoint: str) -> dict:
 def restore_model_for_eval(model: keras.Model, path: str) -> int:
     """Restores the model's weights (all of them, or fails) and returns the checkpoint's step."""
     checkpoints.restore_model_weights(model, path, exact=True)
+    return checkpoint_step(path)
+
+
+def checkpoint_step(path: str) -> int:
     match = _CHECKPOINT_STEP.search(path)
     if match is None:
         raise ValueError(f"Cannot read the step from checkpoint name {path} (expected ckpt-<step>)")
