@@ -61,16 +61,14 @@ def evaluate_continuously(experiment: Experiment, timeout_secs: float | None = N
 def evaluate_checkpoint(experiment: Experiment, checkpoint: str) -> dict:
     """Evaluates `--checkpoint` once (e.g. a converted released model) when model_dir has none.
 
-    Its backbone and supervised head must be restored in full; projection layers it holds
-    beyond those this mode builds are not used.
+    Every variable of the evaluated model must come from it, the projection layers the
+    classifier reads (--ft_proj_selector) included; projection layers it holds beyond
+    those this mode builds are not used.
     """
     path = checkpoints.resolve_checkpoint_path(checkpoint)
     with experiment.strategy.scope():
         model = experiment.build_model()
-    checkpoints.restore_model_weights(
-        model, path, exact=False,
-        required_prefixes=(checkpoints.BACKBONE_PREFIX, f"{checkpoints.MODEL_ROOT}/supervised_head/"),
-    )
+    checkpoints.restore_model_weights(model, path, exact=False, required_prefixes=(f"{checkpoints.MODEL_ROOT}/",))
     match = _CHECKPOINT_STEP.search(path)
     return evaluation.evaluate(experiment, model, int(match.group(1)) if match else 0)
 
