@@ -36,8 +36,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 MODEL_ROOT = "model"
 BACKBONE_PREFIX = "model/backbone/"
-
-
+# Where a training run moves the files of checkpoints that cannot be read, inside model_dir.
 DAMAGED_DIR = "damaged"
 
 
@@ -411,8 +410,8 @@ def checkpoint_problem(path: str) -> str | None:
     name = os.path.basename(path)
     if not tf.io.gfile.exists(path + ".index"):
         return f"{name}.index is missing"
-    files = sorted(tf.io.gfile.glob(path + ".*"))
-    key = (path, *((f, tf.io.gfile.stat(f).length, tf.io.gfile.stat(f).mtime_nsec) for f in files))
+    stats = {f: tf.io.gfile.stat(f) for f in sorted(tf.io.gfile.glob(path + ".*"))}
+    key = (path, *((f, s.length, s.mtime_nsec) for f, s in stats.items()))
     if key not in _problems:
         _problems[key] = _read_every_tensor(path)
     return _problems[key]
