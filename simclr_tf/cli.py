@@ -158,6 +158,7 @@ def main(argv: list[str]) -> None:
 
     from simclr_tf.data.sources import bad_image_message
     from simclr_tf.train import train_and_evaluate
+    from simclr_tf.train.checkpoints import UnreadableCheckpointError
 
     from simclr_tf.train.experiment import check_model_dir, write_json
 
@@ -174,6 +175,9 @@ def main(argv: list[str]) -> None:
         train_and_evaluate(config, model_dir)
     except config_lib.FlagError as error:
         raise app.UsageError(str(error)) from None
+    except UnreadableCheckpointError as error:
+        # Every checkpoint of model_dir is damaged: the message lists each and what to do.
+        raise SystemExit(f"Error: {error}") from None
     except tf.errors.InvalidArgumentError as error:
         # An unreadable image surfaces deep inside tf.data: print its one-line message instead.
         message = bad_image_message(error.message)

@@ -1,8 +1,8 @@
 """Checkpoints: save, and restore in a written priority order with an exact report.
 
 Restore priority for a training run:
-1. the latest checkpoint in `model_dir` (resume: model, optimizer and step), which must
-   match the model exactly;
+1. the newest readable checkpoint in `model_dir` (resume: model, optimizer and step),
+   which must match the model exactly;
 2. else `--checkpoint` (initialise the model's weights only, e.g. pretrain -> finetune):
    every variable found with the same shape is restored, the rest is listed as freshly
    initialised, and the backbone must be restored in full;
@@ -11,12 +11,23 @@ Restore priority for a training run:
 Matching is by object path (`model/backbone/block_groups/0/...`) read from the
 checkpoint's own object graph, so it does not depend on which of several paths TF
 used to name a value, and nothing is ever restored silently in part.
+
+"Readable" is checked for real: every tensor of a checkpoint is read once before it is
+used (TF checks each tensor's CRC32C and the index's block checksums). A damaged newest
+checkpoint (a full disk, a half-finished copy) is skipped with a warning for the newest
+one that reads; in the model_dir a run trains in, its files are moved to
+`<model_dir>/damaged/<UTC time>/`, never deleted, and a save of the same step cannot
+overwrite them. Checkpoints in other directories (`--checkpoint`, `--teacher_checkpoint`,
+and model_dir while only evaluating) are never moved.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+import os
+import re
+import time
+from typing import Iterable, Sequence
 
 from absl import logging
 import keras
@@ -25,10 +36,16 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 MODEL_ROOT = "model"
 BACKBONE_PREFIX = "model/backbone/"
+# Where a training run moves the files of checkpoints that cannot be read, inside model_dir.
+DAMAGED_DIR = "damaged"
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model it is restored into."""
+
+
+class UnreadableCheckpointError(ValueError):
+    """The checkpoint named, or every checkpoint of a directory, cannot be read back intact."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,11 +200,17 @@ def restore(
     *,
     init_checkpoint: str | None,
     zero_init_logits_layer: bool = False,
+    set_aside: bool = True,
 ) -> RestoreReport:
-    """Restores following the priority order above; returns what was done."""
+    """Restores following the priority order above; returns what was done.
+
+    With `set_aside` (the process that writes model_dir's checkpoints), unreadable
+    checkpoints newer than the one resumed from are moved to model_dir/damaged/ and
+    dropped from the manager's list.
+    """
     checkpoint = manager.checkpoint
     model = checkpoint.model
-    latest = manager.latest_checkpoint
+    latest = _resume_path(manager, set_aside) if manager.latest_checkpoint else None
     if latest:
         match = match_variables(model, latest)
         if not match.exact:
@@ -215,6 +238,58 @@ def restore(
     return RestoreReport("scratch", None, 0)
 
 
+def _resume_path(manager: tf.train.CheckpointManager, set_aside: bool) -> str:
+    """The newest readable checkpoint the manager lists; newer unreadable ones are set aside."""
+    listed = _dedupe([manager.latest_checkpoint, *reversed(manager.checkpoints)])
+    path, skipped = newest_readable(listed)
+    if path is None:
+        raise UnreadableCheckpointError(
+            f"--model_dir={manager.directory}: none of its {len(skipped)} checkpoint(s) can be "
+            f"read back intact:\n{_problem_lines(skipped)}\nNothing was moved or deleted. Copy "
+            "intact checkpoints back from a backup, or move these away (or use a new --model_dir) "
+            "to start the run again."
+        )
+    if skipped:
+        damaged = [bad for bad, _ in skipped]
+        where = _move_aside(damaged, manager.directory) if set_aside else None
+        for bad, problem in skipped:
+            logging.warning(
+                "Checkpoint %s cannot be read (%s); %s. Resuming from the newest readable one, %s: "
+                "the steps after it are trained again.",
+                bad, problem,
+                f"moved its files to {where}" if where else "left in place (another process writes this directory)",
+                path,
+            )
+        if where:
+            _forget(manager, damaged, path)
+    return path
+
+
+def _forget(manager: tf.train.CheckpointManager, paths: Sequence[str], latest: str) -> None:
+    """Drops moved-away checkpoints from the manager's list and its `checkpoint` state file."""
+    # CheckpointManager has no public call for this. Its list decides what the next save
+    # records and which checkpoints --keep_checkpoint_max deletes, so it must not keep
+    # naming files that are gone; this sets what its constructor would read from the file.
+    for path in paths:
+        manager._maybe_delete.pop(path, None)
+    manager._latest_checkpoint = latest
+    manager._record_state()
+
+
+def _move_aside(paths: Sequence[str], directory: str) -> str:
+    """Moves each checkpoint's files to a new `<directory>/damaged/<UTC time>/`; returns it."""
+    base = os.path.join(directory, DAMAGED_DIR, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    destination, n = base, 1
+    while tf.io.gfile.exists(destination):  # a second damage within the same second
+        destination, n = f"{base}-{n}", n + 1
+    tf.io.gfile.makedirs(destination)
+    for path in paths:
+        # `ckpt-5.*` is ckpt-5.index and its data shards, never ckpt-50's files.
+        for name in tf.io.gfile.glob(path + ".*"):
+            tf.io.gfile.rename(name, os.path.join(destination, os.path.basename(name)))
+    return destination
+
+
 def summarize(match: VariableMatch) -> str:
     """One line per outcome, grouping paths by model part, e.g. 'restored: backbone (62)'."""
     def groups(paths: list[str]) -> str:
@@ -234,18 +309,131 @@ def summarize(match: VariableMatch) -> str:
 
 
 def resolve_checkpoint_path(path: str, flag: str = "checkpoint") -> str:
-    """Accepts a checkpoint prefix or a directory holding checkpoints; errors name `--flag`."""
+    """Accepts a checkpoint prefix or a directory holding checkpoints; errors name `--flag`.
+
+    In a directory, the newest checkpoint that reads back intact is used; newer unreadable
+    ones are skipped with a warning and left where they are: the directory belongs to
+    another run (or to the trainer, while only evaluating), which may be writing it.
+    """
     if tf.io.gfile.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
-        if latest is None:
+        listed = listed_checkpoints(path)
+        if not listed:
             raise FileNotFoundError(
                 f"--{flag}={path} is a directory without a checkpoint; pass a checkpoint "
                 "prefix such as <model_dir>/ckpt-1000 or a model_dir that holds one."
             )
-        return latest
+        return _newest_readable_or_raise(listed, f"--{flag}={path}")
     if not tf.io.gfile.exists(path + ".index"):
         raise FileNotFoundError(
             f"--{flag}={path}: no such checkpoint ({path}.index is missing). Pass a "
             "checkpoint prefix such as <model_dir>/ckpt-1000 or a model_dir."
         )
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UnreadableCheckpointError(
+            f"--{flag}={path} cannot be read back intact: {problem}. Pass an intact checkpoint, "
+            "or its directory to use the newest one there that reads."
+        )
     return path
+
+
+def readable_checkpoint_at_or_before(directory: str, latest: str) -> str:
+    """`latest` if it reads back intact, else the newest older checkpoint listed that does.
+
+    For evaluating a model_dir: skipped checkpoints are named in a warning and left in place.
+    """
+    listed = listed_checkpoints(directory)
+    older = listed[listed.index(latest) + 1:] if latest in listed else listed
+    return _newest_readable_or_raise([latest, *older], f"--model_dir={directory}")
+
+
+def listed_checkpoints(directory: str) -> list[str]:
+    """The checkpoints a directory's `checkpoint` state file lists, newest first."""
+    state = tf.train.get_checkpoint_state(directory)
+    if state is None:
+        return []
+    return _dedupe([state.model_checkpoint_path, *reversed(state.all_model_checkpoint_paths)])
+
+
+def newest_readable(paths: Sequence[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """The first of `paths` (newest first) that reads intact, and (path, problem) of those before it."""
+    skipped = []
+    for path in paths:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def _newest_readable_or_raise(paths: Sequence[str], what: str) -> str:
+    path, skipped = newest_readable(paths)
+    if path is None:
+        raise UnreadableCheckpointError(
+            f"{what}: none of its {len(skipped)} checkpoint(s) can be read back intact:\n"
+            f"{_problem_lines(skipped)}"
+        )
+    for bad, problem in skipped:
+        _warn_once(f"{what}: skipping checkpoint {bad}, which cannot be read ({problem}); using {path}")
+    return path
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    # A checkpoint path is resolved twice in a run (flag checks, then the restore).
+    if message not in _warned:
+        _warned.add(message)
+        logging.warning("%s", message)
+
+
+def _problem_lines(skipped: Sequence[tuple[str, str]]) -> str:
+    return "\n".join(f"  {path}: {problem}" for path, problem in skipped)
+
+
+def _dedupe(paths: Iterable[str | None]) -> list[str]:
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+# Problems found so far, by checkpoint and the size and time of its files: a checkpoint
+# checked while validating flags is not read a second time for that before its restore.
+_problems: dict[tuple, str | None] = {}
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why checkpoint `path` cannot be read back intact, or None if every tensor reads.
+
+    Reads every tensor once: TensorFlow checks each tensor's CRC32C (flipped bytes) and
+    the index's block checksums, and a truncated data file gives a short read.
+    """
+    name = os.path.basename(path)
+    if not tf.io.gfile.exists(path + ".index"):
+        return f"{name}.index is missing"
+    stats = {f: tf.io.gfile.stat(f) for f in sorted(tf.io.gfile.glob(path + ".*"))}
+    key = (path, *((f, s.length, s.mtime_nsec) for f, s in stats.items()))
+    if key not in _problems:
+        _problems[key] = _read_every_tensor(path)
+    return _problems[key]
+
+
+def _read_every_tensor(path: str) -> str | None:
+    name = os.path.basename(path)
+    try:
+        reader = tf.train.load_checkpoint(path)
+    except tf.errors.OpError as error:
+        return f"{name}.index is damaged: {_first_line(error.message)}"
+    try:
+        for key in reader.get_variable_to_shape_map():  # the object graph too
+            reader.get_tensor(key)
+    except IndexError as error:  # TF's reader says "Read less bytes than requested"
+        return f"its data file is shorter than its index says, e.g. truncated: {error}"
+    except tf.errors.OpError as error:
+        # "TensorBundle at <path> shard 0 (9216 bytes): Checksum does not match: ..."
+        message = re.sub(r"^TensorBundle at .* bytes\): ", "", _first_line(error.message))
+        return f"tensor {key}: {message}"
+    return None
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "unknown error"

@@ -35,17 +35,25 @@ def train_and_evaluate(
 
 
 def evaluate_continuously(experiment: Experiment, timeout_secs: float | None = None) -> dict | None:
-    """Evaluates each new checkpoint in model_dir until one reaches the final step."""
+    """Evaluates each new checkpoint in model_dir until one reaches the final step.
+
+    A new checkpoint that cannot be read is skipped with a warning (and left in place: the
+    trainer owns the directory) for the newest older one that reads, if not evaluated yet.
+    """
     with experiment.strategy.scope():
         model = experiment.build_model()
-    result = None
-    for path in tf.train.checkpoints_iterator(
+    result, evaluated = None, None
+    for latest in tf.train.checkpoints_iterator(
         experiment.model_dir, min_interval_secs=15, timeout=timeout_secs
     ):
-        step = restore_model_for_eval(model, path)
-        result = evaluation.evaluate(experiment, model, step)
-        if step >= experiment.train_steps:
-            logging.info("Evaluated the final step %d; done", step)
+        path = checkpoints.readable_checkpoint_at_or_before(experiment.model_dir, latest)
+        if path != evaluated:
+            step = restore_model_for_eval(model, path)
+            result = evaluation.evaluate(experiment, model, step)
+            evaluated = path
+        # Judged by the newest checkpoint, readable or not: a finished run saves no more.
+        if checkpoint_step(latest) >= experiment.train_steps:
+            logging.info("The final step's checkpoint is in (evaluated %s); done", path)
             break
     return result
 
@@ -53,16 +61,14 @@ def evaluate_continuously(experiment: Experiment, timeout_secs: float | None = N
 def evaluate_checkpoint(experiment: Experiment, checkpoint: str) -> dict:
     """Evaluates `--checkpoint` once (e.g. a converted released model) when model_dir has none.
 
-    Its backbone and supervised head must be restored in full; projection layers it holds
-    beyond those this mode builds are not used.
+    Every variable of the evaluated model must come from it, the projection layers the
+    classifier reads (--ft_proj_selector) included; projection layers it holds beyond
+    those this mode builds are not used.
     """
     path = checkpoints.resolve_checkpoint_path(checkpoint)
     with experiment.strategy.scope():
         model = experiment.build_model()
-    checkpoints.restore_model_weights(
-        model, path, exact=False,
-        required_prefixes=(checkpoints.BACKBONE_PREFIX, f"{checkpoints.MODEL_ROOT}/supervised_head/"),
-    )
+    checkpoints.restore_model_weights(model, path, exact=False, required_prefixes=(f"{checkpoints.MODEL_ROOT}/",))
     match = _CHECKPOINT_STEP.search(path)
     return evaluation.evaluate(experiment, model, int(match.group(1)) if match else 0)
 
@@ -70,6 +76,10 @@ def evaluate_checkpoint(experiment: Experiment, checkpoint: str) -> dict:
 def restore_model_for_eval(model: keras.Model, path: str) -> int:
     """Restores the model's weights (all of them, or fails) and returns the checkpoint's step."""
     checkpoints.restore_model_weights(model, path, exact=True)
+    return checkpoint_step(path)
+
+
+def checkpoint_step(path: str) -> int:
     match = _CHECKPOINT_STEP.search(path)
     if match is None:
         raise ValueError(f"Cannot read the step from checkpoint name {path} (expected ckpt-<step>)")

@@ -63,6 +63,8 @@ def build_train_state(experiment: Experiment) -> TrainState:
         manager,
         init_checkpoint=cfg.train.checkpoint,
         zero_init_logits_layer=cfg.model.zero_init_logits_layer,
+        # Only the process that writes model_dir's checkpoints moves damaged ones aside.
+        set_aside=distribute.is_chief(experiment.strategy),
     )
     return TrainState(model, optimizer, experiment.loss_fn(), manager, report)
 

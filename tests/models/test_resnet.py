@@ -262,6 +262,24 @@ def test_initialisation_and_batch_norm_settings():
     assert block.shortcut_conv.strides == 1 and block.strides == 2
 
 
+@pytest.mark.parametrize("depth", [18, 34])
+def test_basic_block_branch_starts_at_zero(depth):
+    # ResNet-18/34: the last BN of every basic block's branch starts with gamma = 0, so
+    # each block starts as its shortcut (the bottleneck's case is checked above).
+    model = ResNet(depth, 0.25, cifar_stem=True)
+    model.build((None, 8, 8, 3))
+    blocks = [block for group in model.block_groups for block in group.blocks]
+    assert len(blocks) == {18: 8, 34: 16}[depth] and all(isinstance(b, ResidualBlock) for b in blocks)
+    for block in blocks:
+        np.testing.assert_array_equal(block.batch_norm2.bn.gamma.numpy(), 0.0)
+        np.testing.assert_array_equal(block.batch_norm1.bn.gamma.numpy(), 1.0)
+    # A block with an identity shortcut is then relu(x): the branch adds its beta, 0.
+    identity_block = model.block_groups[0].blocks[1]
+    x = tf.random.normal((2, 8, 8, identity_block.out_filters), seed=0)
+    for training in (False, True):
+        np.testing.assert_array_equal(identity_block(x, training=training).numpy(), tf.nn.relu(x).numpy())
+
+
 def test_sk_stem_channels_for_fractional_width():
     stem = Stem(scaled := resnet_lib.scaled_filters(64, 0.25), sk_ratio=SK)
     assert scaled == 16
