@@ -83,8 +83,8 @@ def _knn_metrics(experiment: Experiment, model: keras.Model) -> dict[str, float]
     counts = learned.bank_class_counts
     logging.info(
         "k-NN (k=%d, T=%g): bank of %d %s examples (%s; %d-%d per class), %d queries; "
-        "%d-d features, %d raw-pixel values per image; held ~%.0f MB (queries, one bank "
-        "chunk, each query's k best), besides the (queries x classes) scores",
+        "%d-d features, %d raw-pixel values per image; peak ~%.0f MB (queries, one bank "
+        "chunk, each query's k best)",
         cfg.train.knn_k,
         cfg.train.knn_temperature,
         learned.bank_size,
@@ -96,7 +96,7 @@ def _knn_metrics(experiment: Experiment, model: keras.Model) -> dict[str, float]
         learned.num_queries,
         learned.dim,
         pixels.dim,
-        (learned.held_bytes() + pixels.held_bytes()) / 1e6,
+        (learned.peak_bytes() + pixels.peak_bytes()) / 1e6,
     )
     return result
 

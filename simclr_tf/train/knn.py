@@ -112,6 +112,7 @@ class StreamingKnn:
         self.k = k
         self.temperature = temperature
         self.bank_chunk = bank_chunk
+        self.query_chunk = query_chunk
         self._query_rechunker: _Rechunker | None = _Rechunker(query_chunk)
         self._query_labels: list[np.ndarray] = []
         self._queries: list[tf.Tensor] = []  # normalised (<= query_chunk, D) float32 blocks
@@ -189,14 +190,21 @@ class StreamingKnn:
             return np.zeros((0, self.num_classes), np.float32)
         return np.concatenate(scores, axis=0)
 
-    def held_bytes(self) -> int:
-        """Bytes held at most besides the final scores: queries, a bank chunk, the k best."""
+    def peak_bytes(self) -> int:
+        """Estimated peak of this evaluator's own arrays while the bank streams past.
+
+        The normalised queries and their k best (similarity, label), plus a chunk's
+        working set: its batches, their concatenation, the squares and the normalised
+        chunk (4 copies), and a query block's similarities, candidates and labels (4).
+        The final (queries, classes) scores come after the chunks are freed.
+        """
         float_bytes = 4
         queries = self.num_queries * self.dim * float_bytes
-        # A chunk is assembled from batches (parts + joined copy), then normalised.
-        chunk = 3 * min(self.bank_chunk, self.bank_size) * self.dim * float_bytes
         best = self.num_queries * self.k * 2 * float_bytes
-        return queries + chunk + best
+        chunk_rows = min(self.bank_chunk, self.bank_size)
+        chunk = 4 * chunk_rows * self.dim * float_bytes
+        merge = 4 * min(self.query_chunk, self.num_queries) * (self.k + chunk_rows) * float_bytes
+        return queries + best + chunk + merge
 
 
 def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:

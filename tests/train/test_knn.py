@@ -82,10 +82,10 @@ def test_streaming_holds_one_bank_chunk_not_the_bank():
     rng = np.random.default_rng(3)
     bank, labels = rng.normal(size=(1000, 16)).astype(np.float32), rng.integers(0, 3, size=1000)
     streaming = _stream(bank, labels, bank[:10], batch=30, bank_chunk=100, num_classes=3)
-    assert streaming.held_bytes() == _stream(
+    assert streaming.peak_bytes() == _stream(
         bank[:200], labels[:200], bank[:10], batch=30, bank_chunk=100, num_classes=3
-    ).held_bytes()
-    assert streaming.held_bytes() < bank.nbytes
+    ).peak_bytes()
+    assert streaming.peak_bytes() < bank.nbytes
 
 
 def test_queries_must_come_before_the_bank():
