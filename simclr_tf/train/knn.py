@@ -11,19 +11,6 @@ import numpy as np
 import tensorflow as tf
 
 
-def l2_normalize(features) -> tf.Tensor:
-    """Rows scaled to unit L2 norm, each row's result independent of the other rows.
-
-    `tf.math.l2_normalize` computes rsqrt in SIMD lanes and the leftover rows
-    differently, so a row's last bit depends on how many rows come with it; sqrt and
-    division are exactly rounded in both paths, which lets a bank normalised chunk by
-    chunk match one normalised at once.
-    """
-    features = tf.convert_to_tensor(features, tf.float32)
-    squared_norm = tf.reduce_sum(tf.square(features), axis=1, keepdims=True)
-    return features / tf.sqrt(tf.maximum(squared_norm, 1e-12))
-
-
 def knn_class_scores(
     train_features: np.ndarray,
     train_labels: np.ndarray,
@@ -39,12 +26,14 @@ def knn_class_scores(
     Features are L2-normalised; each of the k nearest training examples (cosine
     similarity s) votes for its class with weight exp(s / temperature).
     """
-    bank = l2_normalize(train_features)  # (N, D)
+    bank = tf.math.l2_normalize(tf.convert_to_tensor(train_features, tf.float32), axis=1)  # (N, D)
     bank_labels = tf.convert_to_tensor(train_labels, tf.int32)
     k = min(k, int(bank.shape[0]))
     scores = []
     for start in range(0, len(query_features), chunk_size):
-        query = l2_normalize(query_features[start : start + chunk_size])  # (Q, D)
+        query = tf.math.l2_normalize(
+            tf.convert_to_tensor(query_features[start : start + chunk_size], tf.float32), axis=1
+        )  # (Q, D)
         similarity = tf.matmul(query, bank, transpose_b=True)  # (Q, N)
         top_similarity, top_index = tf.math.top_k(similarity, k=k)  # (Q, k)
         weights = tf.exp(top_similarity / temperature)
@@ -90,11 +79,13 @@ class StreamingKnn:
     (`add_bank`), then read `scores()`. Only the L2-normalised queries, one bank chunk
     (`bank_chunk` rows) and each query's running k best (similarity, label) are held,
     so memory does not grow with the bank. The scores equal `knn_class_scores` on the
-    concatenated bank: the same neighbours with the same ties (the earlier bank
-    example wins, as `tf.math.top_k`), summed in the same order, from the same
-    similarities (bit for bit on CPU, checked up to 2048-d features and banks of
-    several chunks; a matrix-product kernel whose summation order depended on the
-    bank's size could change their last bit).
+    concatenated bank bit for bit: the same neighbours with the same ties (the earlier
+    bank example wins, as `tf.math.top_k`), summed in the same order, from the same
+    similarities. For the last, chunks are whole multiples of 64 rows, like the old
+    code's 1,024-query blocks: `tf.math.l2_normalize` computes its reciprocal square
+    roots in SIMD blocks and the leftover rows by another path, which can differ in
+    the last bit, so only block-aligned chunks normalise every row as the whole bank
+    does.
     """
 
     def __init__(
@@ -108,6 +99,8 @@ class StreamingKnn:
     ):
         if k < 1:
             raise ValueError(f"--knn_k={k} must be at least 1.")
+        if query_chunk % 64 or bank_chunk % 64:
+            raise ValueError(f"Chunks must be multiples of 64 rows, got {query_chunk} and {bank_chunk}.")
         self.num_classes = num_classes
         self.k = k
         self.temperature = temperature
@@ -142,7 +135,7 @@ class StreamingKnn:
         return np.concatenate(self._query_labels) if self._query_labels else np.zeros([0], np.int64)
 
     def _add_query_block(self, block: np.ndarray) -> None:
-        self._queries.append(l2_normalize(block))
+        self._queries.append(tf.math.l2_normalize(tf.convert_to_tensor(block, tf.float32), axis=1))
         self._top_similarity.append(tf.zeros([len(block), 0], tf.float32))
         self._top_label.append(tf.zeros([len(block), 0], tf.int32))
 
@@ -162,7 +155,7 @@ class StreamingKnn:
             self._merge(block, block_labels)
 
     def _merge(self, block: np.ndarray, block_labels: np.ndarray) -> None:
-        bank = l2_normalize(block)  # (B, D)
+        bank = tf.math.l2_normalize(tf.convert_to_tensor(block), axis=1)  # (B, D)
         bank_labels = tf.convert_to_tensor(block_labels)  # (B,)
         for i, query in enumerate(self._queries):
             similarity = tf.matmul(query, bank, transpose_b=True)  # (Q, B)

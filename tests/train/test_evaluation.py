@@ -35,8 +35,8 @@ def build(config: Config, model_dir) -> tuple[Experiment, tf.keras.Model]:
 
 
 def test_streamed_knn_eval_equals_the_all_in_memory_one(tmp_path, monkeypatch):
-    # Chunks of 40 rows: the 96-example bank streams past in three chunks.
-    monkeypatch.setattr(evaluation, "KNN_BANK_CHUNK", 40)
+    # Chunks of 64 rows: the 96-example bank streams past in two.
+    monkeypatch.setattr(evaluation, "KNN_BANK_CHUNK", 64)
     experiment, model = build(knn_config(bank_size=0), tmp_path)
     learned, _ = evaluation.knn_evaluators(experiment, model)
 

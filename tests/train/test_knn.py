@@ -56,7 +56,8 @@ def _stream(bank, labels, query, *, batch, bank_chunk, query_batch=7, **options)
     return streaming
 
 
-@pytest.mark.parametrize("k,batch,bank_chunk", [(20, 13, 50), (1, 64, 64), (5, 500, 8192), (300, 9, 40)])
+# Chunks of 64 rows make 3.75 chunks of the 240-example bank; 8192 holds it whole.
+@pytest.mark.parametrize("k,batch,bank_chunk", [(20, 13, 64), (1, 100, 64), (5, 500, 8192), (300, 9, 128)])
 def test_streamed_bank_gives_exactly_the_all_in_memory_scores(k, batch, bank_chunk):
     rng = np.random.default_rng(2)
     bank = rng.normal(size=(240, 128)).astype(np.float32)
@@ -81,9 +82,9 @@ def test_streamed_bank_gives_exactly_the_all_in_memory_scores(k, batch, bank_chu
 def test_streaming_holds_one_bank_chunk_not_the_bank():
     rng = np.random.default_rng(3)
     bank, labels = rng.normal(size=(1000, 16)).astype(np.float32), rng.integers(0, 3, size=1000)
-    streaming = _stream(bank, labels, bank[:10], batch=30, bank_chunk=100, num_classes=3)
+    streaming = _stream(bank, labels, bank[:10], batch=30, bank_chunk=64, num_classes=3)
     assert streaming.peak_bytes() == _stream(
-        bank[:200], labels[:200], bank[:10], batch=30, bank_chunk=100, num_classes=3
+        bank[:200], labels[:200], bank[:10], batch=30, bank_chunk=64, num_classes=3
     ).peak_bytes()
     assert streaming.peak_bytes() < bank.nbytes
 
