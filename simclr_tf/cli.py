@@ -64,6 +64,7 @@ flags.DEFINE_integer("keep_hub_module_max", _d.train.keep_hub_module_max, "Maxim
 flags.DEFINE_bool("knn_eval", _d.train.knn_eval, "Also report weighted k-NN accuracy on backbone features (always done when there is no supervised head).")
 flags.DEFINE_integer("knn_k", _d.train.knn_k, "Neighbours for the k-NN evaluation.")
 flags.DEFINE_float("knn_temperature", _d.train.knn_temperature, "Temperature of the k-NN vote weights exp(similarity / T).")
+flags.DEFINE_integer("knn_bank_size", _d.train.knn_bank_size, "Most train examples in the k-NN memory bank: above it, a class-balanced subset chosen with --seed. 0 = the whole train split.")
 # --- distillation
 flags.DEFINE_string("teacher_checkpoint", _d.distill.teacher_checkpoint, "Fine-tuned teacher (model_dir or checkpoint prefix) for --train_mode=distill.")
 flags.DEFINE_float("distill_temperature", _d.distill.distill_temperature, "Temperature of the teacher's and student's softmax in the distillation loss.")

@@ -95,6 +95,8 @@ class TrainConfig:
     knn_eval: bool = True
     knn_k: int = 20
     knn_temperature: float = 0.07
+    # Most train examples in the k-NN memory bank (class-balanced, --seed); 0 = all.
+    knn_bank_size: int = 100_000
     seed: int = 0
 
 
@@ -281,6 +283,10 @@ def validate(config: Config) -> None:
         fail("temperature", "must be positive.")
     if not o.learning_rate >= 0:  # also rejects NaN
         fail("learning_rate", f"{o.learning_rate} must be a non-negative number.")
+    if t.knn_bank_size < 0:
+        fail("knn_bank_size", "must be 0 (the whole train split) or a positive number of examples.")
+    if t.knn_k < 1:
+        fail("knn_k", "must be at least 1.")
     if t.log_every_steps < 1:
         fail("log_every_steps", "must be at least 1.")
     if t.checkpoint_steps < 0 or t.checkpoint_epochs < 0:

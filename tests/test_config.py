@@ -52,6 +52,8 @@ def test_derived_steps_follow_the_original_formulas():
         ("train", {"checkpoint_steps": -1}, "checkpoint_steps"),
         ("data", {"color_jitter_strength": -0.5}, "color_jitter_strength"),
         ("data", {"dataset": ""}, "dataset"),
+        ("train", {"knn_bank_size": -1}, "knn_bank_size"),
+        ("train", {"knn_k": 0}, "knn_k"),
     ],
 )
 def test_validate_names_the_flag(section, fields, flag):

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from simclr_tf import data as data_lib
 from simclr_tf import distribute
 from simclr_tf import losses
 from simclr_tf.train import knn
@@ -61,28 +62,102 @@ def _supervised_metrics(experiment: Experiment, model: keras.Model) -> dict[str,
     return {top_1.name: float(top_1.result()), top_5.name: float(top_5.result())}
 
 
+# Raw pixels are resized to at most this side before the raw-pixel k-NN: 32x32x3 =
+# 3,072 values per image, so ImageNet's 50,000 queries hold 0.6 GB instead of 30 GB
+# at 224x224x3. Smaller eval images are used as they are.
+RAW_PIXEL_SIDE = 32
+# Bank rows merged at once: 8,192 x 2,048-d float32 is 67 MB (R50), 201 MB at 6,144-d.
+KNN_BANK_CHUNK = 8192
+
+
 def _knn_metrics(experiment: Experiment, model: keras.Model) -> dict[str, float]:
     cfg = experiment.config
-    bank, bank_labels = extract_features(experiment, model, cfg.data.train_split, limit=False)
-    query, query_labels = extract_features(experiment, model, cfg.data.eval_split, limit=True)
-    scores = knn.knn_class_scores(
-        bank,
-        bank_labels,
-        query,
-        num_classes=experiment.source.num_classes,
-        k=cfg.train.knn_k,
-        temperature=cfg.train.knn_temperature,
+    learned, pixels = knn_evaluators(experiment, model)
+    subset = knn_bank_subset(experiment)
+    result: dict[str, float] = {}
+    for prefix, evaluator in (("eval/knn", learned), ("eval/knn_raw_pixels", pixels)):
+        scores = evaluator.scores()
+        result[f"{prefix}_top_1_accuracy"] = knn.top_k_accuracy(scores, evaluator.query_labels, 1)
+        result[f"{prefix}_top_5_accuracy"] = knn.top_k_accuracy(scores, evaluator.query_labels, 5)
+    result["eval/knn_bank_size"] = learned.bank_size
+    counts = learned.bank_class_counts
+    logging.info(
+        "k-NN (k=%d, T=%g): bank of %d %s examples (%s; %d-%d per class), %d queries; "
+        "%d-d features, %d raw-pixel values per image; peak ~%.0f MB (queries, one bank "
+        "chunk, each query's k best)",
+        cfg.train.knn_k,
+        cfg.train.knn_temperature,
+        learned.bank_size,
+        cfg.data.train_split,
+        "the whole split" if subset is None
+        else f"--knn_bank_size={cfg.train.knn_bank_size}: class-balanced, --seed={cfg.train.seed}",
+        counts.min() if counts.size else 0,
+        counts.max() if counts.size else 0,
+        learned.num_queries,
+        learned.dim,
+        pixels.dim,
+        (learned.peak_bytes() + pixels.peak_bytes()) / 1e6,
     )
-    return {
-        "eval/knn_top_1_accuracy": knn.top_k_accuracy(scores, query_labels, 1),
-        "eval/knn_top_5_accuracy": knn.top_k_accuracy(scores, query_labels, 5),
-    }
+    return result
+
+
+def knn_bank_subset(experiment: Experiment) -> data_lib.LabeledSubset | None:
+    """The class-balanced subset of the train split in the k-NN bank; None = all of it.
+
+    Above `--knn_bank_size` examples, `knn_bank_size // num_classes` per class chosen
+    with `--seed` (the few-label subsets' selection, so the same for the same seed).
+    """
+    cfg = experiment.config
+    cap = cfg.train.knn_bank_size
+    if not cap or experiment.source.num_examples(cfg.data.train_split) <= cap:
+        return None
+    return data_lib.LabeledSubset(per_class=cap // experiment.source.num_classes, seed=cfg.train.seed)
+
+
+def knn_evaluators(experiment: Experiment, model: keras.Model) -> tuple[knn.StreamingKnn, knn.StreamingKnn]:
+    """k-NN on the model's features and on raw pixels, bank and queries streamed through.
+
+    One pass over the eval split (--eval_steps) gives the queries, one over the bank
+    (`knn_bank_subset` of the train split) the neighbours; the bank is never held.
+    Read each one's `scores()` and `query_labels`.
+    """
+    cfg = experiment.config
+    strategy = experiment.strategy
+    side = min(cfg.model.image_size, RAW_PIXEL_SIDE)
+
+    def replica_fn(batch):
+        outputs = steps_lib.eval_step(batch, model=model)
+        images = batch["image"]  # (B, S, S, 3), the eval view in [0, 1]
+        if images.shape[1] != side:
+            images = tf.image.resize(images, [side, side], method="area")
+        outputs["pixels"] = tf.reshape(tf.cast(images, tf.float32), [tf.shape(images)[0], -1])
+        return outputs
+
+    run = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)), reduce_retracing=True)
+    options = {"num_classes": experiment.source.num_classes, "k": cfg.train.knn_k,
+               "temperature": cfg.train.knn_temperature, "bank_chunk": KNN_BANK_CHUNK}
+    learned, pixels = knn.StreamingKnn(**options), knn.StreamingKnn(**options)
+    for batch in _limited(experiment.eval_dataset(cfg.data.eval_split), experiment):
+        for outputs in _local(strategy, run(batch)):
+            labels = outputs["label"].numpy()
+            learned.add_queries(outputs["features"].numpy(), labels)
+            pixels.add_queries(outputs["pixels"].numpy(), labels)
+    bank = experiment.eval_dataset(cfg.data.train_split, labeled_subset=knn_bank_subset(experiment))
+    for batch in bank:
+        for outputs in _local(strategy, run(batch)):
+            labels = outputs["label"].numpy()
+            learned.add_bank(outputs["features"].numpy(), labels)
+            pixels.add_bank(outputs["pixels"].numpy(), labels)
+    return learned, pixels
 
 
 def extract_features(
     experiment: Experiment, model: keras.Model, split: str, *, limit: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone features (`final_avg_pool`) and labels of a split, without augmentation."""
+    """Backbone features (`final_avg_pool`) and labels of a split, all in memory.
+
+    The k-NN eval streams instead (`knn_evaluators`); this is for notebooks and tests.
+    """
     strategy = experiment.strategy
     run = tf.function(
         lambda batch: strategy.run(lambda b: steps_lib.eval_step(b, model=model), args=(batch,)),

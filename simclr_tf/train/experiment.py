@@ -78,6 +78,12 @@ class Experiment:
             num_train = source.num_examples(config.data.train_split, labeled_subset=subset)
         with _as_flag_error("eval_split"):
             num_eval = source.num_examples(config.data.eval_split)
+        bank_size = config.train.knn_bank_size
+        if 0 < bank_size < source.num_classes:
+            raise FlagError(
+                f"--knn_bank_size={bank_size} is fewer than the {source.num_classes} classes: "
+                f"use at least {source.num_classes} (one example per class), or 0 for the whole train split."
+            )
         replicas = strategy.num_replicas_in_sync
         for flag in ("train_batch_size", "eval_batch_size"):
             if getattr(config.train, flag) % replicas:
@@ -251,7 +257,10 @@ class Experiment:
             start_example=start_example,
         )
 
-    def eval_dataset(self, split: str) -> tf.distribute.DistributedDataset:
+    def eval_dataset(
+        self, split: str, labeled_subset: data_lib.LabeledSubset | None = None
+    ) -> tf.distribute.DistributedDataset:
+        """One ordered pass over `split` (or over its `labeled_subset`), eval preprocessing."""
         cfg = self.config
 
         def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -266,6 +275,7 @@ class Experiment:
                 use_blur=False,
                 cache=False,
                 input_context=context,
+                labeled_subset=labeled_subset,
             )
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)

@@ -56,6 +56,9 @@ def test_pretrain_with_linear_eval_end_to_end(tmp_path):
         "eval/label_top_5_accuracy",
         "eval/knn_top_1_accuracy",
         "eval/knn_top_5_accuracy",
+        "eval/knn_raw_pixels_top_1_accuracy",
+        "eval/knn_raw_pixels_top_5_accuracy",
+        "eval/knn_bank_size",
         "eval/regularization_loss",
         "global_step",
     }
@@ -66,6 +69,7 @@ def test_pretrain_with_linear_eval_end_to_end(tmp_path):
         "train/total_loss", "train/contrast_loss", "train/contrast_acc", "train/contrast_entropy",
         "train/supervised_loss", "train/supervised_acc", "train/weight_decay", "learning_rate",
         "train/augmented_views", "eval/label_top_1_accuracy", "eval/regularization_loss",
+        "eval/knn_top_1_accuracy", "eval/knn_raw_pixels_top_1_accuracy",
     }
     assert expected <= summary_tags(tmp_path)
 
