@@ -12,6 +12,7 @@ import tensorflow as tf
 from simclr_tf import distribute
 from simclr_tf import losses
 from simclr_tf.train import knn
+from simclr_tf.train import linear_probe
 from simclr_tf.train import steps as steps_lib
 from simclr_tf.train.experiment import Experiment, write_json
 
@@ -25,6 +26,8 @@ def evaluate(experiment: Experiment, model: keras.Model, global_step: int) -> di
         result.update(_supervised_metrics(experiment, model))
     if cfg.train.knn_eval or not has_head:
         result.update(_knn_metrics(experiment, model))
+    if cfg.train.linear_probe_eval:
+        result.update(_linear_probe_metrics(experiment, model))
     decayed = losses.variables_with_loss_weight_decay(model.trainable_variables, cfg.optim.optimizer)
     result["eval/regularization_loss"] = float(losses.weight_decay_loss(decayed, cfg.optim.weight_decay))
     result["global_step"] = int(global_step)
@@ -77,6 +80,17 @@ def _knn_metrics(experiment: Experiment, model: keras.Model) -> dict[str, float]
         "eval/knn_top_1_accuracy": knn.top_k_accuracy(scores, query_labels, 1),
         "eval/knn_top_5_accuracy": knn.top_k_accuracy(scores, query_labels, 5),
     }
+
+
+def _linear_probe_metrics(experiment: Experiment, model: keras.Model) -> dict[str, float]:
+    """Logistic regression fit on frozen train-split features, scored on the eval split."""
+    cfg = experiment.config
+    train, train_labels = extract_features(experiment, model, cfg.data.train_split, limit=False)
+    query, query_labels = extract_features(experiment, model, cfg.data.eval_split, limit=True)
+    accuracy = linear_probe.linear_probe_top_1_accuracy(
+        train, train_labels, query, query_labels, num_classes=experiment.source.num_classes
+    )
+    return {"eval/linear_probe_top_1_accuracy": accuracy}
 
 
 def extract_features(
