@@ -46,6 +46,8 @@ flags.DEFINE_bool("cache_dataset", _d.data.cache_dataset, "Cache the decoded dat
 flags.DEFINE_integer("image_size", _d.model.image_size, "Input image size; <= 32 selects the CIFAR stem (3x3 conv, no max-pool).")
 flags.DEFINE_float("color_jitter_strength", _d.data.color_jitter_strength, "The strength of colour jittering.")
 flags.DEFINE_bool("use_blur", _d.data.use_blur, "Whether or not to use Gaussian blur for augmentation during pretraining.")
+flags.DEFINE_float("crop_min_area", _d.data.crop_min_area, "Smallest random crop in training, as a fraction of the image area (crops cover crop_min_area-100%; the original: 0.08). Larger keeps small digits recognisable.")
+flags.DEFINE_bool("use_flip", _d.data.use_flip, "Randomly flip training images left-right (the original always does). Turn off for digits and text, where a mirror image is another glyph.")
 flags.DEFINE_bool("skip_bad_images", _d.data.skip_bad_images, "Image folders: skip files that cannot be decoded (each is logged with a running count) instead of stopping with an error that names the file.")
 flags.DEFINE_float("labeled_fraction", _d.data.labeled_fraction, "Fraction of each class's labels used by finetune / supervised / distill (e.g. 0.01 or 0.1); 1.0 = all. A fixed, class-balanced subset of --train_split.")
 flags.DEFINE_integer("labeled_per_class", _d.data.labeled_per_class, "If > 0, use this many labeled examples per class instead of --labeled_fraction.")
@@ -63,6 +65,7 @@ flags.DEFINE_integer("keep_checkpoint_max", _d.train.keep_checkpoint_max, "Maxim
 flags.DEFINE_integer("keep_hub_module_max", _d.train.keep_hub_module_max, "Maximum number of SavedModel exports (<model_dir>/saved_model/<step>/, written at the end of training) to keep; 0 exports none.")
 flags.DEFINE_bool("knn_eval", _d.train.knn_eval, "Also report weighted k-NN accuracy on backbone features (always done when there is no supervised head).")
 flags.DEFINE_integer("knn_k", _d.train.knn_k, "Neighbours for the k-NN evaluation.")
+flags.DEFINE_bool("linear_probe_eval", _d.train.linear_probe_eval, "Also fit a logistic regression on frozen backbone features of --train_split at eval and report its accuracy on --eval_split as eval/linear_probe_top_1_accuracy (a proper linear evaluation; seconds on small data).")
 flags.DEFINE_float("knn_temperature", _d.train.knn_temperature, "Temperature of the k-NN vote weights exp(similarity / T).")
 flags.DEFINE_integer("knn_bank_size", _d.train.knn_bank_size, "Most train examples in the k-NN memory bank: above it, a class-balanced subset chosen with --seed. 0 = the whole train split.")
 # --- distillation

@@ -54,6 +54,9 @@ class DataConfig:
     cache_dataset: bool = True
     color_jitter_strength: float = 0.5
     use_blur: bool = False
+    # Random crop and flip of every training mode (the original: 8-100% of the area, flip).
+    crop_min_area: float = 0.08
+    use_flip: bool = True
     # Image folders: skip (and log) files that cannot be decoded instead of failing.
     skip_bad_images: bool = False
     # Few labels: a class-balanced subset of the train split for finetune / supervised /
@@ -97,6 +100,8 @@ class TrainConfig:
     knn_temperature: float = 0.07
     # Most train examples in the k-NN memory bank (class-balanced, --seed); 0 = all.
     knn_bank_size: int = 100_000
+    # Fit a logistic regression on frozen train-split features at eval (linear_probe.py).
+    linear_probe_eval: bool = False
     seed: int = 0
 
 
@@ -295,6 +300,8 @@ def validate(config: Config) -> None:
         fail("keep_checkpoint_max", "must be at least 1: resuming needs the latest checkpoint.")
     if not d.color_jitter_strength >= 0:
         fail("color_jitter_strength", f"{d.color_jitter_strength} must be >= 0 (0 turns colour jitter off).")
+    if not 0 < d.crop_min_area <= 1:
+        fail("crop_min_area", f"{d.crop_min_area} must be in (0, 1]: the smallest crop's fraction of the image area.")
     if not d.dataset:
         fail("dataset", "is empty; use mnist5k, folder:/path or a TFDS name.")
     r = config.runtime

@@ -22,6 +22,10 @@ CROP_PROPORTION = 0.875
 _GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Longest blur kernel done as shifted sums rather than a convolution (measured on CPU).
 _MAX_SHIFTED_SUM_TAPS = 15
+# The original's random crop: 8-100% of the image area (the smallest can be changed with
+# --crop_min_area), aspect ratio (width / height) 3/4-4/3.
+CROP_AREA_RANGE = (0.08, 1.0)
+CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 
 
 def to_float(image: tf.Tensor) -> tf.Tensor:
@@ -72,8 +76,8 @@ def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
 def sample_crop_window(
     image_shape: tf.Tensor,
     *,
-    area_range: tuple[float, float] = (0.08, 1.0),
-    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+    area_range: tuple[float, float] = CROP_AREA_RANGE,
+    aspect_ratio_range: tuple[float, float] = CROP_ASPECT_RATIO_RANGE,
     min_object_covered: float = 0.1,
     max_attempts: int = 100,
 ) -> tf.Tensor:
@@ -112,9 +116,11 @@ def crop_and_resize(image: tf.Tensor, window: tf.Tensor, size: int) -> tf.Tensor
     return _resize(crop, size)
 
 
-def random_resized_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Random crop (area 8-100%, aspect 3/4-4/3) resized to (size, size), bicubic."""
-    window = sample_crop_window(tf.shape(image))
+def random_resized_crop(
+    image: tf.Tensor, size: int, *, min_area: float = CROP_AREA_RANGE[0]
+) -> tf.Tensor:
+    """Random crop (area min_area-100%, aspect 3/4-4/3) resized to (size, size), bicubic."""
+    window = sample_crop_window(tf.shape(image), area_range=(min_area, CROP_AREA_RANGE[1]))
     return crop_and_resize(image, window, size)
 
 
@@ -265,15 +271,20 @@ def preprocess_for_train(
     *,
     color_jitter_strength: float = 0.0,
     use_blur: bool = False,
+    use_flip: bool = True,
+    crop_min_area: float = CROP_AREA_RANGE[0],
 ) -> tf.Tensor:
     """One random SimCLR view of `image` (uint8 or float, any size) as float32 (S, S, 3) in [0, 1].
 
-    Crop + flip always; colour distortion if `color_jitter_strength > 0`; blur with
-    kernel `image_size // 10` if `use_blur` (done batch-wise inside the model in the
-    original, per image here).
+    Random crop of `crop_min_area`-100% of the area, then a left-right flip with
+    probability 1/2 if `use_flip` (both as the original by default; digits and text
+    should not be mirrored); colour distortion if `color_jitter_strength > 0`; blur
+    with kernel `image_size // 10` if `use_blur` (done batch-wise inside the model in
+    the original, per image here).
     """
-    image = random_resized_crop(image, image_size)
-    image = tf.image.random_flip_left_right(image)
+    image = random_resized_crop(image, image_size, min_area=crop_min_area)
+    if use_flip:
+        image = tf.image.random_flip_left_right(image)
     if color_jitter_strength > 0:
         image = random_color_distortion(image, color_jitter_strength)
     image = tf.clip_by_value(image, 0.0, 1.0)

@@ -13,6 +13,7 @@ from simclr_tf import data as data_lib
 from simclr_tf import distribute
 from simclr_tf import losses
 from simclr_tf.train import knn
+from simclr_tf.train import linear_probe
 from simclr_tf.train import steps as steps_lib
 from simclr_tf.train.experiment import Experiment, write_json
 
@@ -26,6 +27,8 @@ def evaluate(experiment: Experiment, model: keras.Model, global_step: int) -> di
         result.update(_supervised_metrics(experiment, model))
     if cfg.train.knn_eval or not has_head:
         result.update(_knn_metrics(experiment, model))
+    if cfg.train.linear_probe_eval:
+        result.update(_linear_probe_metrics(experiment, model))
     decayed = losses.variables_with_loss_weight_decay(model.trainable_variables, cfg.optim.optimizer)
     result["eval/regularization_loss"] = float(losses.weight_decay_loss(decayed, cfg.optim.weight_decay))
     result["global_step"] = int(global_step)
@@ -149,6 +152,17 @@ def knn_evaluators(experiment: Experiment, model: keras.Model) -> tuple[knn.Stre
             learned.add_bank(outputs["features"].numpy(), labels)
             pixels.add_bank(outputs["pixels"].numpy(), labels)
     return learned, pixels
+
+
+def _linear_probe_metrics(experiment: Experiment, model: keras.Model) -> dict[str, float]:
+    """Logistic regression fit on frozen train-split features, scored on the eval split."""
+    cfg = experiment.config
+    train, train_labels = extract_features(experiment, model, cfg.data.train_split, limit=False)
+    query, query_labels = extract_features(experiment, model, cfg.data.eval_split, limit=True)
+    accuracy = linear_probe.linear_probe_top_1_accuracy(
+        train, train_labels, query, query_labels, num_classes=experiment.source.num_classes
+    )
+    return {"eval/linear_probe_top_1_accuracy": accuracy}
 
 
 def extract_features(

@@ -250,6 +250,8 @@ class Experiment:
             image_size=cfg.model.image_size,
             color_jitter_strength=color_jitter_strength,
             use_blur=use_blur,
+            use_flip=cfg.data.use_flip,
+            crop_min_area=cfg.data.crop_min_area,
             cache=cfg.data.cache_dataset,
             input_context=context,
             shuffle_seed=cfg.train.seed,
