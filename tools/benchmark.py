@@ -11,6 +11,11 @@ in the same process as the machine's practical peak. Also peak RSS, and with
   python tools/benchmark.py --dataset=folder:../shared/datasets/cifar10 --eval_split='train[90%:]' \
       --resnet_depth=18 --width_multiplier=1 --train_batch_size=128 [--precision=mixed_bfloat16] \
       [--jit_compile] [--json] [--profile_dir=/tmp/profile]
+
+With --original_dir and --original_python (the original google-research/simclr tf2/ code and a
+Python that runs it), it instead times the original's run.py and this code's training loop
+side by side, interleaved over --repeats rounds, and reports the ratios (README, "Against the
+original code").
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Settings that are not benchmark options, given explicitly so that the measured
 # configuration does not follow Config's defaults; the same values go to the original
-# (ORIGINAL_FLAGS): the original README's CIFAR-10 recipe, LARS.
+# (original_flags): the original README's CIFAR-10 recipe, LARS.
 FIXED_MODEL = {"sk_ratio": 0.0, "se_ratio": 0.0, "batch_norm_decay": 0.9, "global_bn": True,
                "proj_head_mode": "nonlinear", "proj_out_dim": 128, "num_proj_layers": 3,
                "ft_proj_selector": 0}
@@ -411,6 +416,21 @@ def time_ours(args: argparse.Namespace, precision: str, work: pathlib.Path) -> d
     return {"images_per_second": result["loop_images_per_second"], "peak_rss_gb": rss}
 
 
+def add_ratios(rounds: list[dict], precisions: list[str]) -> dict:
+    """Adds "<precision>_over_original" (ours / original, same round) to each round; returns the medians."""
+    for row in rounds:
+        for precision in precisions:
+            row[f"{precision}_over_original"] = (
+                row[precision]["images_per_second"] / row["original"]["images_per_second"])
+    median = {key: {field: statistics.median(row[key][field] for row in rounds)
+                    for field in ("images_per_second", "peak_rss_gb")}
+              for key in ("original", *precisions)}
+    for precision in precisions:
+        key = f"{precision}_over_original"
+        median[key] = statistics.median(row[key] for row in rounds)
+    return median
+
+
 def compare_with_original(args: argparse.Namespace) -> dict:
     """Rounds of (the original, ours in each precision), each in its own process, back to back.
 
@@ -433,17 +453,8 @@ def compare_with_original(args: argparse.Namespace) -> dict:
             for precision in precisions:
                 row[precision] = time_ours(args, precision, work / f"{precision}_{index}")
                 print(f"round {index + 1}: {precision} {row[precision]}", file=sys.stderr, flush=True)
-            for precision in precisions:
-                row[f"{precision}_over_original"] = (
-                    row[precision]["images_per_second"] / row["original"]["images_per_second"])
             rounds.append(row)
-    median = {}
-    for key in ("original", *precisions):
-        median[key] = {field: statistics.median(r[key][field] for r in rounds)
-                       for field in ("images_per_second", "peak_rss_gb")}
-    for precision in precisions:
-        key = f"{precision}_over_original"
-        median[key] = statistics.median(r[key] for r in rounds)
+    median = add_ratios(rounds, precisions)
     config = {k: v for k, v in vars(args).items() if k not in ("json", "profile_dir", "top_ops", "loop_only")}
     return {"config": config, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "original_log_every_steps": log_every, "precisions": precisions, "rounds": rounds, "median": median}

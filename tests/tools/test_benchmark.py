@@ -120,3 +120,19 @@ def test_original_flags_go_together():
     tool = _tool()
     with pytest.raises(SystemExit):
         tool.parse_args(["--original_dir=/nowhere"])
+
+
+def test_ratios_are_taken_within_a_round_and_medians_over_rounds():
+    tool = _tool()
+    rounds = [{"original": {"images_per_second": 40.0, "peak_rss_gb": 3.0},
+               "float32": {"images_per_second": 60.0, "peak_rss_gb": 2.0}},
+              {"original": {"images_per_second": 20.0, "peak_rss_gb": 2.0},
+               "float32": {"images_per_second": 50.0, "peak_rss_gb": 1.0}},
+              {"original": {"images_per_second": 30.0, "peak_rss_gb": 4.0},
+               "float32": {"images_per_second": 30.0, "peak_rss_gb": 3.0}}]
+    median = tool.add_ratios(rounds, ["float32"])
+    assert [row["float32_over_original"] for row in rounds] == pytest.approx([1.5, 2.5, 1.0])
+    # The median of the per-round ratios, not the ratio of the medians (50 / 30).
+    assert median["float32_over_original"] == pytest.approx(1.5)
+    assert median["original"] == pytest.approx({"images_per_second": 30.0, "peak_rss_gb": 3.0})
+    assert median["float32"] == pytest.approx({"images_per_second": 50.0, "peak_rss_gb": 2.0})
