@@ -11,15 +11,25 @@ in the same process as the machine's practical peak. Also peak RSS, and with
   python tools/benchmark.py --dataset=folder:../shared/datasets/cifar10 --eval_split='train[90%:]' \
       --resnet_depth=18 --width_multiplier=1 --train_batch_size=128 [--precision=mixed_bfloat16] \
       [--jit_compile] [--json] [--profile_dir=/tmp/profile]
+
+With --original_dir and --original_python (the original google-research/simclr tf2/ code and a
+Python that runs it), it instead times the original's run.py and this code's training loop
+side by side, interleaved over --repeats rounds, and reports the ratios (README, "Against the
+original code").
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
 import os
 import pathlib
+import re
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,18 +64,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Also trace --steps steps with the TF profiler into this directory "
                              "(TensorBoard's Profile tab reads it) and report the op types that took the most time.")
     parser.add_argument("--top_ops", type=int, default=15, help="Op types listed with --profile_dir.")
-    return parser.parse_args(argv)
+    parser.add_argument("--loop_only", action="store_true",
+                        help="Time only the training loop (what --original_dir compares).")
+    original = parser.add_argument_group(
+        "the original SimCLR code, side by side (optional; it is not a dependency)")
+    original.add_argument("--original_dir", default="",
+                          help="The original's tf2/ directory (google-research/simclr). With it, the tool "
+                               "times the original's run.py and this code's training loop, interleaved, "
+                               "in separate processes, and reports the ratios.")
+    original.add_argument("--original_python", default="",
+                          help="A Python with the original's requirements: tensorflow, tf_keras, tensorflow-datasets, tensorboard.")
+    original.add_argument("--repeats", type=int, default=1,
+                          help="Rounds of (original, ours in each of --precisions).")
+    original.add_argument("--precisions", default="float32,mixed_bfloat16",
+                          help="Our precisions timed in each round.")
+    original.add_argument("--original_mock_examples", type=int, default=2560,
+                          help="Size of the TFDS mock CIFAR-10 the original reads.")
+    args = parser.parse_args(argv)
+    if bool(args.original_dir) != bool(args.original_python):
+        parser.error("--original_dir and --original_python go together (the original's tf2/ directory and "
+                     "a Python that can run it)")
+    if args.original_dir and not (pathlib.Path(args.original_dir) / "run.py").is_file():
+        parser.error(f"--original_dir={args.original_dir}: no run.py there; give the original's tf2/ directory")
+    if args.original_dir and args.profile_dir:
+        parser.error("--profile_dir does not go with --original_dir; profile without it")
+    return args
+
+
+# Settings that are not benchmark options, given explicitly so that the measured
+# configuration does not follow Config's defaults; the same values go to the original
+# (original_flags): the original README's CIFAR-10 recipe, LARS.
+FIXED_MODEL = {"sk_ratio": 0.0, "se_ratio": 0.0, "batch_norm_decay": 0.9, "global_bn": True,
+               "proj_head_mode": "nonlinear", "proj_out_dim": 128, "num_proj_layers": 3,
+               "ft_proj_selector": 0}
+FIXED_DATA = {"cache_dataset": True, "color_jitter_strength": 0.5}
+FIXED_OPTIM = {"optimizer": "lars", "learning_rate": 1.0, "learning_rate_scaling": "linear",
+               "warmup_epochs": 10.0, "weight_decay": 1e-4, "momentum": 0.9}
+FIXED_TRAIN = {"temperature": 0.5, "hidden_norm": True}
 
 
 def benchmark_config(args: argparse.Namespace) -> Config:
     return Config().replace(
         model={"resnet_depth": args.resnet_depth, "width_multiplier": args.width_multiplier,
-               "image_size": args.image_size},
+               "image_size": args.image_size, **FIXED_MODEL},
         data={"dataset": args.dataset, "train_split": args.train_split,
-              "eval_split": args.eval_split, "use_blur": args.use_blur},
+              "eval_split": args.eval_split, "use_blur": args.use_blur, **FIXED_DATA},
+        optim=FIXED_OPTIM,
         train={"train_mode": "pretrain", "mode": "train", "train_batch_size": args.train_batch_size,
                "train_steps": 10**6, "lineareval_while_pretraining": not args.no_linear_eval,
-               "keep_hub_module_max": 0},
+               "keep_hub_module_max": 0, **FIXED_TRAIN},
         runtime={"precision": args.precision, "jit_compile": args.jit_compile},
     )
 
@@ -110,7 +157,35 @@ def peak_flops(steps: int) -> dict[str, float]:
     return results
 
 
+def loop_images_per_second(experiment: Experiment, state, batch_size: int, steps: int, warmup: int) -> float:
+    """The training loop's own tf.function (metrics, NaN guard), as run.py runs it."""
+    _, run_steps = trainer.make_training_loop(experiment, state)
+    iterator = iter(experiment.train_dataset())
+    run_steps(iterator, tf.constant(warmup))
+    _ = state.optimizer.iterations.numpy()
+    start = time.perf_counter()
+    run_steps(iterator, tf.constant(steps))
+    _ = state.optimizer.iterations.numpy()
+    return batch_size * steps / (time.perf_counter() - start)
+
+
+def run_loop_only(args: argparse.Namespace) -> dict:
+    config = benchmark_config(args)
+    batch = config.train.train_batch_size
+    with tempfile.TemporaryDirectory() as model_dir:
+        experiment = Experiment.create(config, model_dir)
+        state = trainer.build_train_state(experiment)
+        loop = loop_images_per_second(experiment, state, batch, args.steps, args.warmup_steps)
+    return {
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "loop_images_per_second": loop,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.loop_only:
+        return run_loop_only(args)
     config = benchmark_config(args)
     batch = config.train.train_batch_size
     with tempfile.TemporaryDirectory() as model_dir:
@@ -134,14 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         _ = state.optimizer.iterations.numpy()
         step_only = batch * args.steps / (time.perf_counter() - start)
 
-        # The training loop's own tf.function (metrics, NaN guard), as run.py runs it.
-        _, run_steps = trainer.make_training_loop(experiment, state)
-        iterator = iter(experiment.train_dataset())
-        run_steps(iterator, tf.constant(args.warmup_steps))
-        start = time.perf_counter()
-        run_steps(iterator, tf.constant(args.steps))
-        _ = state.optimizer.iterations.numpy()
-        whole_loop = batch * args.steps / (time.perf_counter() - start)
+        whole_loop = loop_images_per_second(experiment, state, batch, args.steps, args.warmup_steps)
 
         forward = forward_flops_per_image(state.model, config.model.image_size)
         top_ops = []
@@ -211,8 +279,208 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# Written to a temporary file and run with --original_python: runs the original's own
+# run.py main, unmodified, on TFDS mock CIFAR-10 (random images of the dataset's shapes),
+# so that nothing is downloaded. The original reads the split sizes from the dataset's
+# metadata, which mock data lacks: they are written to a data_dir first (the original
+# gets it as --data_dir). argv: the original's tf2/ directory, the number of mock
+# examples per split, the data_dir, then the original's flags.
+ORIGINAL_LAUNCHER = """\
+import os
+import sys
+
+original_dir, num_examples, data_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, original_dir)
+sys.argv = [os.path.join(original_dir, "run.py")] + sys.argv[4:]
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import app
+
+import run  # the original's module; importing it defines its flags
+
+builder = tfds.builder("cifar10", data_dir=data_dir)
+builder.info.set_splits(tfds.core.SplitDict([
+    tfds.core.SplitInfo(name=name, shard_lengths=[num_examples], num_bytes=0, filename_template=None)
+    for name in ("train", "test")]))
+os.makedirs(builder.data_dir, exist_ok=True)
+builder.info.write_to_directory(builder.data_dir)
+
+tf.config.set_soft_device_placement(True)  # as the original's __main__ block does
+with tfds.testing.mock_data(num_examples=num_examples, data_dir=data_dir):
+    app.run(run.main)
+"""
+
+# absl's log prefix ("I1202 03:10:02.123456 140 run.py:650] ") and the line the original's
+# run.py writes after each --checkpoint_steps steps (and a checkpoint save).
+_COMPLETED = re.compile(r"^[IWEF](\d{4} \d{2}:\d{2}:\d{2}\.\d{6}) .*\] Completed: (\d+) / \d+ steps")
+
+
+def completed_step_times(log: str) -> dict[int, float]:
+    """{step: seconds} from the original's "Completed: N / M steps" log lines."""
+    times = {}
+    for line in log.splitlines():
+        match = _COMPLETED.match(line)
+        if match:
+            # The prefix has no year; a leap year accepts Feb 29. Only differences are used.
+            when = datetime.datetime.strptime("2000" + match.group(1), "%Y%m%d %H:%M:%S.%f")
+            times[int(match.group(2))] = (when - datetime.datetime(2000, 1, 1)).total_seconds()
+    return times
+
+
+def original_images_per_second(log: str, batch_size: int, first: int, last: int) -> float:
+    """Images/s between the original's log lines after step `first` and step `last`."""
+    times = completed_step_times(log)
+    missing = [step for step in (first, last) if step not in times]
+    if missing:
+        raise RuntimeError(f"the original's log has no 'Completed: N / M steps' line for step(s) {missing} "
+                           f"(found {sorted(times)})")
+    seconds = times[last] - times[first]
+    if seconds <= 0:
+        raise RuntimeError(f"the original's log times do not increase from step {first} to {last}")
+    return batch_size * (last - first) / seconds
+
+
+def original_flags(args: argparse.Namespace, work: pathlib.Path, log_every: int) -> list[str]:
+    """The original run.py's flags for the configuration benchmark_config builds."""
+    values = {
+        "train_mode": "pretrain", "mode": "train", "use_tpu": False, "model_dir": work / "model_dir",
+        "dataset": "cifar10", "data_dir": work / "data", "train_split": "train", "eval_split": "test",
+        "resnet_depth": args.resnet_depth, "width_multiplier": args.width_multiplier,
+        "image_size": args.image_size, "train_batch_size": args.train_batch_size,
+        "use_blur": args.use_blur, "lineareval_while_pretraining": not args.no_linear_eval,
+        "train_steps": args.warmup_steps + args.steps, "checkpoint_steps": log_every,
+        "keep_hub_module_max": 0,
+        **FIXED_MODEL, **FIXED_DATA, **FIXED_OPTIM, **FIXED_TRAIN,
+    }
+    return [f"--{name}={_flag_value(value)}" for name, value in values.items()]
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    # "1" rather than "1.0": the original defines --width_multiplier as an integer.
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_measured(command: list[str], env: dict[str, str], stdout_path: pathlib.Path,
+                 stderr_path: pathlib.Path) -> tuple[int, float]:
+    """Runs `command`; returns its exit code and peak RSS in GB (its own, from wait4)."""
+    with open(stdout_path, "w") as out, open(stderr_path, "w") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+    # Linux reports kilobytes.
+    return process.returncode, usage.ru_maxrss / 1e6
+
+
+def _tail(path: pathlib.Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def time_original(args: argparse.Namespace, launcher: pathlib.Path, work: pathlib.Path, log_every: int) -> dict:
+    work.mkdir()
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [args.original_python, str(launcher), str(pathlib.Path(args.original_dir).resolve()),
+               str(args.original_mock_examples), str(work / "data"), *original_flags(args, work, log_every)]
+    code, rss = run_measured(command, env, work / "stdout.txt", work / "log.txt")
+    log = (work / "stdout.txt").read_text(errors="replace") + (work / "log.txt").read_text(errors="replace")
+    if code != 0:
+        raise RuntimeError(f"the original's run.py failed (exit code {code}): {' '.join(command)}\n"
+                           f"end of its log:\n{_tail(work / 'log.txt')}")
+    speed = original_images_per_second(log, args.train_batch_size, args.warmup_steps,
+                                       args.warmup_steps + args.steps)
+    return {"images_per_second": speed, "peak_rss_gb": rss}
+
+
+def time_ours(args: argparse.Namespace, precision: str, work: pathlib.Path) -> dict:
+    work.mkdir()
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--loop_only", "--json",
+               f"--precision={precision}", f"--dataset={args.dataset}", f"--train_split={args.train_split}",
+               f"--eval_split={args.eval_split}", f"--resnet_depth={args.resnet_depth}",
+               f"--width_multiplier={args.width_multiplier}", f"--image_size={args.image_size}",
+               f"--train_batch_size={args.train_batch_size}", f"--steps={args.steps}",
+               f"--warmup_steps={args.warmup_steps}",
+               *(["--use_blur"] if args.use_blur else []), *(["--no_linear_eval"] if args.no_linear_eval else []),
+               *(["--jit_compile"] if args.jit_compile else [])]
+    code, rss = run_measured(command, dict(os.environ), work / "stdout.txt", work / "log.txt")
+    if code != 0:
+        raise RuntimeError(f"tools/benchmark.py --loop_only --precision={precision} failed (exit code {code})\n"
+                           f"end of its log:\n{_tail(work / 'log.txt')}")
+    result = json.loads((work / "stdout.txt").read_text().strip().splitlines()[-1])
+    return {"images_per_second": result["loop_images_per_second"], "peak_rss_gb": rss}
+
+
+def add_ratios(rounds: list[dict], precisions: list[str]) -> dict:
+    """Adds "<precision>_over_original" (ours / original, same round) to each round; returns the medians."""
+    for row in rounds:
+        for precision in precisions:
+            row[f"{precision}_over_original"] = (
+                row[precision]["images_per_second"] / row["original"]["images_per_second"])
+    median = {key: {field: statistics.median(row[key][field] for row in rounds)
+                    for field in ("images_per_second", "peak_rss_gb")}
+              for key in ("original", *precisions)}
+    for precision in precisions:
+        key = f"{precision}_over_original"
+        median[key] = statistics.median(row[key] for row in rounds)
+    return median
+
+
+def compare_with_original(args: argparse.Namespace) -> dict:
+    """Rounds of (the original, ours in each precision), each in its own process, back to back.
+
+    Both sides time steps warmup_steps+1 .. warmup_steps+steps. The original is timed from
+    its own log lines, written every gcd(warmup_steps, steps) steps after a checkpoint save
+    (which the timed span includes); ours is the training loop, without checkpoints.
+    """
+    if args.warmup_steps < 1 or args.steps < 1 or args.repeats < 1:
+        raise ValueError("--warmup_steps, --steps and --repeats must be at least 1 with --original_dir")
+    precisions = [p for p in args.precisions.split(",") if p]
+    log_every = math.gcd(args.warmup_steps, args.steps)
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="benchmark_original_") as work_dir:
+        work = pathlib.Path(work_dir)
+        launcher = work / "launch_original.py"
+        launcher.write_text(ORIGINAL_LAUNCHER)
+        for index in range(args.repeats):
+            row = {"original": time_original(args, launcher, work / f"original_{index}", log_every)}
+            print(f"round {index + 1}: original {row['original']}", file=sys.stderr, flush=True)
+            for precision in precisions:
+                row[precision] = time_ours(args, precision, work / f"{precision}_{index}")
+                print(f"round {index + 1}: {precision} {row[precision]}", file=sys.stderr, flush=True)
+            rounds.append(row)
+    median = add_ratios(rounds, precisions)
+    config = {k: v for k, v in vars(args).items() if k not in ("json", "profile_dir", "top_ops", "loop_only")}
+    return {"config": config, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            "original_log_every_steps": log_every, "precisions": precisions, "rounds": rounds, "median": median}
+
+
+def comparison_table(result: dict) -> str:
+    """A Markdown table: one row per round and the medians."""
+    precisions = result["precisions"]
+    sides = ["original", *precisions]
+    header = (["round"] + [f"{side}, images/s" for side in sides]
+              + [f"{p} / original" for p in precisions] + [f"{side}, peak RSS GB" for side in sides])
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, row in [(str(i + 1), r) for i, r in enumerate(result["rounds"])] + [("median", result["median"])]:
+        cells = ([name] + [f"{row[side]['images_per_second']:.1f}" for side in sides]
+                 + [f"{row[f'{p}_over_original']:.2f}x" for p in precisions]
+                 + [f"{row[side]['peak_rss_gb']:.2f}" for side in sides])
+        lines.append("| " + " | ".join(cells) + " |")
+    return f"measured {result['date']}\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.original_dir:
+        result = compare_with_original(args)
+        print(json.dumps(result, sort_keys=True) if args.json else comparison_table(result))
+        return
     result = run(args)
     print(json.dumps(result, sort_keys=True) if args.json else table(result))
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import sys
 
 import pytest
 
@@ -28,6 +29,7 @@ def test_benchmark_reports_every_figure(capsys):
     assert 0.005 < result["forward_gflops_per_image"] < 0.1
     assert result["train_gflops_per_image"] == pytest.approx(6 * result["forward_gflops_per_image"])
     assert result["config"]["precision"] == "float32"
+    assert "rounds" not in result  # no comparison without --original_dir
 
 
 def test_profile_lists_the_convolutions_among_the_costly_op_types(tmp_path, capsys):
@@ -44,3 +46,93 @@ def test_profile_lists_the_convolutions_among_the_costly_op_types(tmp_path, caps
     # Batch norm runs fused, not as separate elementwise ops.
     assert any("FusedBatchNorm" in name for name in by_type), by_type
     assert list(tmp_path.glob("**/*.xplane.pb"))
+
+
+# A stand-in for the original tf2/run.py: it defines whatever flags it is given, records
+# them and the split size TFDS reports, holds ~300 MB, and writes the original's
+# "Completed" log lines with made-up times 4 s apart.
+FAKE_ORIGINAL = '''
+import json
+import pathlib
+import sys
+import sys
+
+from absl import flags
+
+for arg in sys.argv[1:]:
+    flags.DEFINE_string(arg[2:].split("=", 1)[0], None, "")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(FLAGS.dataset, data_dir=FLAGS.data_dir)
+    record = {**FLAGS.flag_values_dict(), "num_train_examples": builder.info.splits["train"].num_examples}
+    pathlib.Path(__file__).with_name("seen.json").write_text(json.dumps(record))
+    held = b"x" * (300 * 10**6)
+    for step, clock in ((2, "03:00:10.000000"), (4, "03:00:14.000000")):
+        print(f"I1202 {clock} 1234 run.py:650] Completed: {step} / 4 steps", file=sys.stderr)
+    return len(held) * 0
+'''
+
+
+def test_original_log_lines_give_images_per_second():
+    tool = _tool()
+    log = ("I0229 23:59:58.500000 1 run.py:650] Completed: 10 / 60 steps\n"
+           "some other line\n"
+           "I0301 00:00:08.500000 1 run.py:650] Completed: 20 / 60 steps\n")
+    # 10 steps of 128 images in 10 s, across midnight of a leap day.
+    assert tool.original_images_per_second(log, 128, 10, 20) == pytest.approx(128.0)
+    with pytest.raises(RuntimeError, match=r"step\(s\) \[30\]"):
+        tool.original_images_per_second(log, 128, 10, 30)
+
+
+@pytest.mark.slow  # two subprocesses that import TensorFlow
+def test_side_by_side_with_a_fake_original(tmp_path, capsys):
+    tool = _tool()
+    original_dir = tmp_path / "tf2"
+    original_dir.mkdir()
+    (original_dir / "run.py").write_text(FAKE_ORIGINAL)
+    tool.main(["--resnet_depth=18", "--width_multiplier=0.25", "--image_size=16", "--train_batch_size=8",
+               "--steps=2", "--warmup_steps=2", "--precisions=float32", "--original_mock_examples=96",
+               f"--original_dir={original_dir}", f"--original_python={sys.executable}", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (row,) = result["rounds"]
+    # Steps 3-4 (2 x 8 images) between the fake's lines 4 s apart.
+    assert row["original"]["images_per_second"] == pytest.approx(4.0)
+    assert row["original"]["peak_rss_gb"] > 0.3
+    assert row["float32"]["images_per_second"] > 0 and row["float32"]["peak_rss_gb"] > 0
+    assert row["float32_over_original"] == pytest.approx(row["float32"]["images_per_second"] / 4.0)
+    assert result["median"]["float32_over_original"] == pytest.approx(row["float32_over_original"])
+    # The original got our configuration, logging every gcd(warmup, steps) steps, on mock data.
+    seen = json.loads((original_dir / "seen.json").read_text())
+    expected = {"resnet_depth": "18", "width_multiplier": "0.25", "image_size": "16", "train_batch_size": "8",
+                "optimizer": "lars", "use_blur": "false", "lineareval_while_pretraining": "true",
+                "train_steps": "4", "checkpoint_steps": "2", "dataset": "cifar10", "train_mode": "pretrain"}
+    assert {k: seen[k] for k in expected} == expected
+    assert seen["num_train_examples"] == 96
+    table = tool.comparison_table(result)
+    assert "| median | 4.0 |" in table
+
+
+def test_original_flags_go_together():
+    tool = _tool()
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--original_dir=/nowhere"])
+
+
+def test_ratios_are_taken_within_a_round_and_medians_over_rounds():
+    tool = _tool()
+    rounds = [{"original": {"images_per_second": 40.0, "peak_rss_gb": 3.0},
+               "float32": {"images_per_second": 60.0, "peak_rss_gb": 2.0}},
+              {"original": {"images_per_second": 20.0, "peak_rss_gb": 2.0},
+               "float32": {"images_per_second": 50.0, "peak_rss_gb": 1.0}},
+              {"original": {"images_per_second": 30.0, "peak_rss_gb": 4.0},
+               "float32": {"images_per_second": 30.0, "peak_rss_gb": 3.0}}]
+    median = tool.add_ratios(rounds, ["float32"])
+    assert [row["float32_over_original"] for row in rounds] == pytest.approx([1.5, 2.5, 1.0])
+    # The median of the per-round ratios, not the ratio of the medians (50 / 30).
+    assert median["float32_over_original"] == pytest.approx(1.5)
+    assert median["original"] == pytest.approx({"images_per_second": 30.0, "peak_rss_gb": 3.0})
+    assert median["float32"] == pytest.approx({"images_per_second": 50.0, "peak_rss_gb": 2.0})
