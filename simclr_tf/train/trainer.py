@@ -104,9 +104,8 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
             step = int(optimizer.iterations.numpy())
             if bad_step >= 0:
                 raise NonFiniteLossError(non_finite_message(bad_step, metrics.results(), state.manager))
-            preempted, call_length.steps = preemption.agree(
-                strategy, sigterm.received, call_length.update(num_steps, time.perf_counter() - started)
-            )
+            next_steps = call_length.update(num_steps, time.perf_counter() - started)
+            preempted, call_length.steps = preemption.agree(strategy, sigterm.received, next_steps)
             # At the last step the run saves and exports as usual.
             preempted = preempted and step < experiment.train_steps
             if not (preempted or is_event(step, experiment.train_steps, cfg.train.log_every_steps,
