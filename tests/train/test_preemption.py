@@ -83,7 +83,7 @@ def _command(model_dir):
         "--eval_split=validation[:16]", "--resnet_depth=18", "--width_multiplier=0.25",
         "--image_size=16", "--num_proj_layers=1", "--proj_out_dim=16", "--train_batch_size=16",
         "--use_blur=false", "--cache_dataset=true", "--optimizer=momentum", "--learning_rate=0.1",
-        "--warmup_epochs=0", "--train_steps=40", "--checkpoint_steps=1000", "--log_every_steps=1",
+        "--warmup_epochs=0", "--train_steps=20", "--checkpoint_steps=1000", "--log_every_steps=1",
         "--keep_checkpoint_max=3", "--keep_hub_module_max=1",
     ]
 
@@ -102,11 +102,11 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_resumes(tmp_path
         first = subprocess.Popen(_command(model_dir), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
         try:
             deadline = time.monotonic() + 600
-            while not re.search(r"step ([3-9]|\d\d)/40", log_path.read_text()):
+            while not re.search(r"step ([3-9]|\d\d)/20", log_path.read_text()):
                 assert first.poll() is None, log_path.read_text()[-3000:]
                 assert time.monotonic() < deadline, "no step logged"
                 time.sleep(0.05)
-            signalled_after = max(int(s) for s in re.findall(r"step (\d+)/40", log_path.read_text()))
+            signalled_after = max(int(s) for s in re.findall(r"step (\d+)/20", log_path.read_text()))
             first.send_signal(signal.SIGTERM)
             first.wait(timeout=300)
         finally:
@@ -118,7 +118,7 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_resumes(tmp_path
     assert "Traceback" not in text
     saved_at = int(re.search(rf"Preempted \(SIGTERM\) at step (\d+): saved {model_dir}/ckpt-\1; "
                              "run the same command to resume", text).group(1))
-    assert 3 <= signalled_after <= saved_at < 40  # not the interval's step 0 or 1000
+    assert 3 <= signalled_after <= saved_at < 20  # not the interval's step 0 or 1000
     latest = tf.train.latest_checkpoint(str(model_dir))
     assert latest == f"{model_dir}/ckpt-{saved_at}" and _stored_iterations(latest) == saved_at
     assert not (model_dir / "saved_model").exists() and not (model_dir / ".lock").exists()
@@ -128,5 +128,5 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_resumes(tmp_path
     assert f"Resuming from {model_dir}/ckpt-{saved_at}\n" in second.stderr
     assert f"Resuming at step {saved_at}: the training data continues in epoch {saved_at * 16 // 64}" in second.stderr
     latest = tf.train.latest_checkpoint(str(model_dir))
-    assert latest == f"{model_dir}/ckpt-40" and _stored_iterations(latest) == 40
-    assert (model_dir / "saved_model" / "40").is_dir() and not (model_dir / ".lock").exists()
+    assert latest == f"{model_dir}/ckpt-20" and _stored_iterations(latest) == 20
+    assert (model_dir / "saved_model" / "20").is_dir() and not (model_dir / ".lock").exists()
