@@ -86,17 +86,27 @@ class CallLength:
         return self.steps
 
 
-def agree(strategy: tf.distribute.Strategy, received: bool, next_steps: int) -> tuple[bool, int]:
-    """(whether any worker received SIGTERM, the chief's next call length) on every worker.
+class Agreement:
+    """`agreement(received, next_steps)`: (any worker received SIGTERM, the chief's next call length).
 
     Without several workers these are the local values. With MultiWorkerMirroredStrategy
     it is one small gather across workers, so that all of them stop, and size their next
     call, alike; otherwise their collectives would no longer pair up.
     """
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return received, next_steps
-    chief = bool(strategy.extended.should_checkpoint)
-    # Non-chief workers offer a huge length, so the minimum is the chief's.
-    local = tf.constant([[int(received), next_steps if chief else 2**62]], tf.int64)
-    values = strategy.gather(strategy.run(lambda: tf.identity(local)), axis=0).numpy()  # (replicas, 2)
-    return bool(values[:, 0].max()), int(values[:, 1].min())
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        self._chief = bool(strategy.extended.should_checkpoint)
+        self._gather = None
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # A tf.function: run eagerly, the collective costs about a second.
+            self._gather = tf.function(
+                lambda local: strategy.gather(strategy.run(tf.identity, args=(local,)), axis=0)
+            )
+
+    def __call__(self, received: bool, next_steps: int) -> tuple[bool, int]:
+        if self._gather is None:
+            return received, next_steps
+        # Non-chief workers offer a huge length, so the minimum is the chief's.
+        local = tf.constant([[int(received), next_steps if self._chief else 2**62]], tf.int64)
+        values = self._gather(local).numpy()  # (replicas, 2)
+        return bool(values[:, 0].max()), int(values[:, 1].min())

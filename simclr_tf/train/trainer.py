@@ -94,6 +94,7 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
     iterator = iter(experiment.train_dataset(start_step=step))
     progress = Progress(step, experiment.train_steps, cfg.train.train_batch_size)
     call_length = preemption.CallLength()
+    agree = preemption.Agreement(strategy)
     with preemption.SigtermFlag() as sigterm:
         while step < experiment.train_steps:
             num_steps = min(call_length.steps, steps_until_next_event(
@@ -105,7 +106,7 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
             if bad_step >= 0:
                 raise NonFiniteLossError(non_finite_message(bad_step, metrics.results(), state.manager))
             next_steps = call_length.update(num_steps, time.perf_counter() - started)
-            preempted, call_length.steps = preemption.agree(strategy, sigterm.received, next_steps)
+            preempted, call_length.steps = agree(sigterm.received, next_steps)
             # At the last step the run saves and exports as usual.
             preempted = preempted and step < experiment.train_steps
             if not (preempted or is_event(step, experiment.train_steps, cfg.train.log_every_steps,
