@@ -113,6 +113,7 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
                                           experiment.checkpoint_steps)):
                 continue
             log_and_summarize(experiment, state, metrics, progress, writer, step)
+            path = None
             if preempted or step % experiment.checkpoint_steps == 0 or step >= experiment.train_steps:
                 path = distribute.save_checkpoint(state.manager, step, strategy)
                 if path:
