@@ -163,8 +163,9 @@ def main(argv: list[str]) -> None:
     from simclr_tf.data.sources import bad_image_message
     from simclr_tf.train import train_and_evaluate
     from simclr_tf.train.checkpoints import UnreadableCheckpointError
-
     from simclr_tf.train.experiment import check_model_dir, write_json
+    from simclr_tf.train.preemption import EXIT_CODE, Preempted
+    from simclr_tf.train.runner import model_dir_lock_for
 
     # Soft placement lets summary ops fall back to the host on TPU.
     tf.config.set_soft_device_placement(True)
@@ -173,15 +174,20 @@ def main(argv: list[str]) -> None:
     try:
         # Before flags.json is written, so another run's model_dir is left untouched.
         check_model_dir(config, model_dir)
-        resolved = our_flag_values()
-        resolved["model_dir"] = model_dir
-        write_json(os.path.join(model_dir, "flags.json"), resolved)
-        train_and_evaluate(config, model_dir)
+        # Taken before flags.json is written, so a second run leaves the first one's alone.
+        with model_dir_lock_for(config, model_dir):
+            resolved = our_flag_values()
+            resolved["model_dir"] = model_dir
+            write_json(os.path.join(model_dir, "flags.json"), resolved)
+            train_and_evaluate(config, model_dir)
     except config_lib.FlagError as error:
         raise app.UsageError(str(error)) from None
     except UnreadableCheckpointError as error:
         # Every checkpoint of model_dir is damaged: the message lists each and what to do.
         raise SystemExit(f"Error: {error}") from None
+    except Preempted:
+        # The trainer logged "Preempted (SIGTERM) at step N: saved ...; run the same command to resume".
+        raise SystemExit(EXIT_CODE) from None
     except tf.errors.InvalidArgumentError as error:
         # An unreadable image surfaces deep inside tf.data: print its one-line message instead.
         message = bad_image_message(error.message)

@@ -119,6 +119,25 @@ STRATEGY_BUILDERS: dict[str, Callable[[RuntimeConfig], tf.distribute.Strategy]] 
 }
 
 
+def is_chief_task(tf_config: Mapping | None) -> bool:
+    """Whether this TF_CONFIG task is its cluster's chief: the "chief" task, else worker 0."""
+    if cluster_size(tf_config) <= 1:
+        return True
+    cluster, task = tf_config["cluster"], tf_config.get("task", {})
+    if cluster.get("chief"):
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+def writes_model_dir(runtime: RuntimeConfig, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process writes model_dir's checkpoints; known before the strategy is built."""
+    tf_config = read_tf_config(environ)
+    # Only a multi-worker strategy has non-chief processes; which one is independent of GPUs.
+    if choose_strategy(runtime, tf_config=tf_config, num_gpus=0) != "multi_worker":
+        return True
+    return is_chief_task(tf_config)
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes checkpoints and summaries (always, without a cluster)."""
     return bool(strategy.extended.should_checkpoint)

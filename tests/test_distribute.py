@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -162,14 +164,23 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+def _worker_env(cluster: dict, index: int) -> dict:
+    return dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+        TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        # The script's own directory comes first on sys.path: import this checkout's
+        # simclr_tf, not whichever one is installed.
+        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+
+
 def _run_workers(script, config: Config, model_dir, out_dir, tag: str, timeout: float = 150) -> list[dict]:
     """Runs the two workers to completion (or kills both); returns their reports."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs, logs = [], []
     for index in range(2):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
-                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        env = _worker_env(cluster, index)
         log = open(out_dir / f"{tag}_worker{index}.log", "w+")
         logs.append(log)
         procs.append(subprocess.Popen(
@@ -246,3 +257,52 @@ def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
     assert {int(name.split(".")[-3]) for name in events} == chief_pids
     assert not [p for p in model_dir.iterdir() if p.is_dir()]
     assert sorted(p.name for p in model_dir.glob("ckpt-*.index")) == [f"ckpt-{i}.index" for i in range(1, 4)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_makes_all_save_at_one_step_and_only_the_chief_locks(tmp_path):
+    # run.py on both workers: the non-chief must not take model_dir's lock (it would
+    # stop the chief at once), and a SIGTERM to it alone must stop both at one step.
+    model_dir = tmp_path / "model"
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    command = [
+        sys.executable, str(REPO / "run.py"), f"--model_dir={model_dir}", "--mode=train",
+        "--train_mode=pretrain", "--dataset=mnist5k", "--train_split=train[:64]",
+        "--eval_split=validation[:16]", "--resnet_depth=18", "--width_multiplier=0.25", "--image_size=16",
+        "--num_proj_layers=1", "--proj_out_dim=16", "--train_batch_size=8", "--use_blur=false",
+        "--cache_dataset=true", "--warmup_epochs=0", "--train_steps=1000", "--checkpoint_steps=1000",
+        "--log_every_steps=1", "--keep_hub_module_max=0", "--strategy=auto",
+    ]
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = []
+    try:
+        for index in range(2):
+            with open(logs[index], "w") as log:
+                procs.append(subprocess.Popen(command, env=_worker_env(cluster, index), cwd=tmp_path, stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + 600
+        while not all("step 2/1000" in log.read_text() for log in logs):
+            for proc, log in zip(procs, logs):
+                assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no step logged"
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=300)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    texts = [log.read_text() for log in logs]
+    for proc, text in zip(procs, texts):
+        assert proc.returncode == 143, text[-3000:]
+    chief = re.search(r"Preempted \(SIGTERM on another worker\) at step (\d+): saved (\S+);", texts[0])
+    other = re.search(r"Preempted \(SIGTERM\) at step (\d+): the chief saved its checkpoint;", texts[1])
+    assert chief and other and chief.group(1) == other.group(1), (texts[0][-2000:], texts[1][-2000:])
+    step = int(chief.group(1))
+    assert chief.group(2) == f"{model_dir}/ckpt-{step}" == tf.train.latest_checkpoint(str(model_dir))
+    assert 2 <= step < 1000
+    assert not (model_dir / ".lock").exists()
+    assert not [p for p in model_dir.iterdir() if p.is_dir()]  # no worker's temporary copy left

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from absl import logging
 import keras
 import tensorflow as tf
 
+from simclr_tf import distribute
 from simclr_tf.config import Config
 from simclr_tf.train import checkpoints
 from simclr_tf.train import evaluation
+from simclr_tf.train import model_dir_lock
 from simclr_tf.train import trainer
 from simclr_tf.train.experiment import Experiment, save_config
 
@@ -20,7 +23,28 @@ _CHECKPOINT_STEP = re.compile(r"ckpt-(\d+)$")
 def train_and_evaluate(
     config: Config, model_dir: str, strategy: tf.distribute.Strategy | None = None
 ) -> dict[str, float] | None:
-    """Runs `config.train.mode` in `model_dir`; returns the last eval result, if any."""
+    """Runs `config.train.mode` in `model_dir`; returns the last eval result, if any.
+
+    Training holds model_dir's lock (`model_dir_lock`); a SIGTERM while training saves a
+    checkpoint and raises `preemption.Preempted`.
+    """
+    with model_dir_lock_for(config, model_dir, strategy):
+        return _train_and_evaluate(config, model_dir, strategy)
+
+
+def model_dir_lock_for(
+    config: Config, model_dir: str, strategy: tf.distribute.Strategy | None = None
+) -> contextlib.AbstractContextManager:
+    """The lock a run of `config` holds on model_dir: training runs' chief only, never eval."""
+    if config.train.mode == "eval":
+        return contextlib.nullcontext()
+    chief = distribute.is_chief(strategy) if strategy else distribute.writes_model_dir(config.runtime)
+    return model_dir_lock.hold(model_dir) if chief else contextlib.nullcontext()
+
+
+def _train_and_evaluate(
+    config: Config, model_dir: str, strategy: tf.distribute.Strategy | None
+) -> dict[str, float] | None:
     experiment = Experiment.create(config, model_dir, strategy)
     save_config(config, model_dir)
     mode = config.train.mode

@@ -16,6 +16,7 @@ from simclr_tf import export
 from simclr_tf import losses
 from simclr_tf import optim
 from simclr_tf.train import checkpoints
+from simclr_tf.train import preemption
 from simclr_tf.train import steps as steps_lib
 from simclr_tf.train.experiment import Experiment
 from simclr_tf.train.metrics import MeanMetrics, first_non_finite
@@ -94,51 +95,87 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
         )
     iterator = iter(experiment.train_dataset(start_step=step))
     progress = Progress(step, experiment.train_steps, cfg.train.train_batch_size)
-    while step < experiment.train_steps:
-        num_steps = steps_until_next_event(
-            step, experiment.train_steps, cfg.train.log_every_steps, experiment.checkpoint_steps
-        )
-        bad_step = int(run_steps(iterator, tf.constant(num_steps)))
-        step = int(optimizer.iterations.numpy())
-        values = metrics.results()
-        metrics.reset()
-        if bad_step >= 0:
-            raise NonFiniteLossError(non_finite_message(bad_step, values, state.manager))
-        bad = first_non_finite(values)
-        if bad is not None:
-            raise NonFiniteLossError(
-                f"{bad} became {values[bad]} by step {step}; stopped without saving, so the "
-                f"latest checkpoint in {experiment.model_dir} is the last good one. Lower "
-                "--learning_rate or check the input data."
-            )
-        learning_rate = float(optimizer.learning_rate)
-        speed = progress.update(step)
-        logging.info(
-            "step %d/%d | loss %.4f | %s | lr %.4g | %.2f steps/s | %.1f images/s | ETA %s",
-            step,
-            experiment.train_steps,
-            values["train/total_loss"],
-            " ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in values.items() if k != "train/total_loss"),
-            learning_rate,
-            speed.steps_per_second,
-            speed.images_per_second,
-            speed.eta,
-        )
-        with writer.as_default():
-            for name, value in values.items():
-                tf.summary.scalar(name, value, step=step)
-            tf.summary.scalar("learning_rate", learning_rate, step=step)
-            tf.summary.scalar("train/images_per_second", speed.images_per_second, step=step)
-        if step % experiment.checkpoint_steps == 0 or step >= experiment.train_steps:
-            path = distribute.save_checkpoint(state.manager, step, strategy)
-            if path:
-                logging.info("Saved %s", path)
-        writer.flush()
+    call_length = preemption.CallLength()
+    agree = preemption.Agreement(strategy)
+    with preemption.SigtermFlag() as sigterm:
+        while step < experiment.train_steps:
+            num_steps = min(call_length.steps, steps_until_next_event(
+                step, experiment.train_steps, cfg.train.log_every_steps, experiment.checkpoint_steps
+            ))
+            started = time.perf_counter()
+            bad_step = int(run_steps(iterator, tf.constant(num_steps)))
+            step = int(optimizer.iterations.numpy())
+            if bad_step >= 0:
+                raise NonFiniteLossError(non_finite_message(bad_step, metrics.results(), state.manager))
+            next_steps = call_length.update(num_steps, time.perf_counter() - started)
+            preempted, call_length.steps = agree(sigterm.received, next_steps)
+            # At the last step the run saves and exports as usual.
+            preempted = preempted and step < experiment.train_steps
+            if not (preempted or is_event(step, experiment.train_steps, cfg.train.log_every_steps,
+                                          experiment.checkpoint_steps)):
+                continue
+            log_and_summarize(experiment, state, metrics, progress, writer, step)
+            path = None
+            if preempted or step % experiment.checkpoint_steps == 0 or step >= experiment.train_steps:
+                path = distribute.save_checkpoint(state.manager, step, strategy)
+                if path:
+                    logging.info("Saved %s", path)
+            writer.flush()
+            if preempted:
+                writer.close()
+                message = preempted_message(step, path, sigterm.received)
+                logging.warning(message)
+                # No SavedModel export and no evaluation: the run is not finished.
+                raise preemption.Preempted(message, step, path)
     writer.close()
     logging.info("Training complete at step %d", step)
     if distribute.is_chief(strategy):  # <model_dir>/saved_model/<step>/, as the original
         export.export_step(model, experiment.model_dir, step, keep_max=cfg.train.keep_hub_module_max)
     return state
+
+
+def log_and_summarize(
+    experiment: Experiment,
+    state: TrainState,
+    metrics: MeanMetrics,
+    progress: "Progress",
+    writer: tf.summary.SummaryWriter,
+    step: int,
+) -> None:
+    """Logs and summarises the metrics since the last call; raises if one is not finite."""
+    values = metrics.results()
+    metrics.reset()
+    bad = first_non_finite(values)
+    if bad is not None:
+        raise NonFiniteLossError(
+            f"{bad} became {values[bad]} by step {step}; stopped without saving, so the "
+            f"latest checkpoint in {experiment.model_dir} is the last good one. Lower "
+            "--learning_rate or check the input data."
+        )
+    learning_rate = float(state.optimizer.learning_rate)
+    speed = progress.update(step)
+    logging.info(
+        "step %d/%d | loss %.4f | %s | lr %.4g | %.2f steps/s | %.1f images/s | ETA %s",
+        step,
+        experiment.train_steps,
+        values["train/total_loss"],
+        " ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in values.items() if k != "train/total_loss"),
+        learning_rate,
+        speed.steps_per_second,
+        speed.images_per_second,
+        speed.eta,
+    )
+    with writer.as_default():
+        for name, value in values.items():
+            tf.summary.scalar(name, value, step=step)
+        tf.summary.scalar("learning_rate", learning_rate, step=step)
+        tf.summary.scalar("train/images_per_second", speed.images_per_second, step=step)
+
+
+def preempted_message(step: int, path: str | None, signalled_here: bool) -> str:
+    where = "SIGTERM" if signalled_here else "SIGTERM on another worker"
+    saved = f"saved {path}" if path else "the chief saved its checkpoint"
+    return f"Preempted ({where}) at step {step}: {saved}; run the same command to resume"
 
 
 def make_training_loop(experiment: Experiment, state: TrainState) -> tuple[MeanMetrics, Callable]:
@@ -207,6 +244,11 @@ def non_finite_message(bad_step: int, values: dict[str, float], manager: tf.trai
         f"good one ({manager.latest_checkpoint or 'none yet'}). Lower --learning_rate (or raise "
         "--warmup_epochs), or check the input data read at that step."
     )
+
+
+def is_event(step: int, total: int, log_every: int, checkpoint_every: int) -> bool:
+    """Whether `step` gets a log line, a checkpoint, or ends training."""
+    return step >= total or any(every > 0 and step % every == 0 for every in (log_every, checkpoint_every))
 
 
 def steps_until_next_event(step: int, total: int, log_every: int, checkpoint_every: int) -> int:
