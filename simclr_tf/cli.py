@@ -2,7 +2,7 @@
 
 Flag names, meanings and defaults are those of the original `tf2/run.py` (except
 `--use_tpu`, False here), so a command copied from the original's READMEs trains what it
-trained there; the TF1 `run.py`'s own flags are accepted with a note (TF1_FLAG_NOTES).
+trained there; the TF1 `run.py`'s own flags are accepted with a note (`tf1_notes`).
 Without `--dataset` (or with `--dataset=mnist5k`) the run is the embedded demo instead:
 `config.DEMO_DEFAULTS` fills every flag left out, a small run that finishes in minutes
 on a laptop CPU. Recipes live in `flags/*.cfg` (`--flagfile=flags/<recipe>.cfg`).
@@ -111,9 +111,6 @@ flags.DEFINE_integer("train_summary_steps", None, "TF1 run.py only: N > 0 sets -
 for _section in config_lib.DEMO_DEFAULTS.values():
     for _name, _value in _section.items():
         FLAGS[_name].help += f" Demo default: {_value}."
-
-TF1_FLAGS = ("variable_schema", "train_summary_steps")
-
 
 def runs_demo(flag_values: flags.FlagValues = FLAGS) -> bool:
     """Whether DEMO_DEFAULTS apply: --dataset not given, or given as the embedded demo data.
