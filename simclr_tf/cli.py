@@ -152,8 +152,8 @@ def tf1_notes(flag_values: flags.FlagValues = FLAGS) -> list[str]:
             "be: --checkpoint restores the model's weights only (never global_step or optimizer "
             "slots), every variable it holds with the same shape (the backbone must all be there), "
             "and logs the list; --zero_init_logits_layer starts the supervised head at zero, as a "
-            "schema excluding 'head' did. Original TF1 checkpoints: convert them first with "
-            "tools/convert_checkpoint.py."
+            "schema excluding 'head' did. Checkpoints of the original: convert them first with "
+            "tools/convert_checkpoint.py (the released TF1 ones have TF2 copies under gs://simclr-checkpoints-tf2/)."
         )
     steps = flag_values["train_summary_steps"]
     if steps.present:
