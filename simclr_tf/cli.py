@@ -112,6 +112,7 @@ for _section in config_lib.DEMO_DEFAULTS.values():
     for _name, _value in _section.items():
         FLAGS[_name].help += f" Demo default: {_value}."
 
+
 def runs_demo(flag_values: flags.FlagValues = FLAGS) -> bool:
     """Whether DEMO_DEFAULTS apply: --dataset not given, or given as the embedded demo data.
 
@@ -162,7 +163,7 @@ def tf1_notes(flag_values: flags.FlagValues = FLAGS) -> list[str]:
             notes.append(
                 f"--train_summary_steps={steps.value} (TF1 run.py: no training summaries) cannot be "
                 "honoured: training scalars are always written, every --log_every_steps "
-                f"({tf1_values(flag_values).get('log_every_steps', log_every.value)} here)."
+                f"({demo_values(flag_values).get('log_every_steps', log_every.value)} here)."
             )
         elif log_every.present:
             notes.append(

@@ -240,6 +240,9 @@ def test_train_summary_steps_maps_to_log_every_steps():
     assert cli.config_from_flags(values).train.log_every_steps == config_lib.Config().train.log_every_steps
     (note,) = cli.tf1_notes(values)
     assert note.startswith("--train_summary_steps=0 (TF1 run.py: no training summaries) cannot be honoured")
+    assert note.endswith(f"every --log_every_steps ({config_lib.Config().train.log_every_steps} here).")
+    (note,) = cli.tf1_notes(_parsed("--train_summary_steps=0"))  # the demo's
+    assert note.endswith(f"every --log_every_steps ({config_lib.Config.demo().train.log_every_steps} here).")
 
 
 def test_tf1_flags_are_logged_with_what_they_mean_here(tmp_path, caplog):
