@@ -1,8 +1,11 @@
 """The absl command line: the only module that reads FLAGS.
 
-Flag names and meanings are those of the original `tf2/run.py`; the defaults are a
-small run on the embedded `mnist5k` data that finishes in minutes on a laptop CPU.
-Paper-scale settings live in `flags/*.cfg` recipes (`--flagfile=flags/<recipe>.cfg`).
+Flag names, meanings and defaults are those of the original `tf2/run.py` (except
+`--use_tpu`, False here), so a command copied from the original's READMEs trains what it
+trained there; the TF1 `run.py`'s own flags are accepted with a note (`tf1_notes`).
+Without `--dataset` (or with `--dataset=mnist5k`) the run is the embedded demo instead:
+`config.DEMO_DEFAULTS` fills every flag left out, a small run that finishes in minutes
+on a laptop CPU. Recipes live in `flags/*.cfg` (`--flagfile=flags/<recipe>.cfg`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -18,7 +22,7 @@ from absl import logging
 from simclr_tf import config as config_lib
 
 FLAGS = flags.FLAGS
-_d = config_lib.Config()  # Defaults come from the dataclasses: one source of truth.
+_d = config_lib.Config()  # The original's defaults, from the dataclasses: one source of truth.
 
 # --- optimisation
 flags.DEFINE_float("learning_rate", _d.optim.learning_rate, "Initial learning rate per batch size of 256 (linear scaling) or the multiplier of sqrt(batch size).")
@@ -38,7 +42,7 @@ flags.DEFINE_integer("checkpoint_steps", _d.train.checkpoint_steps, "Number of s
 flags.DEFINE_integer("log_every_steps", _d.train.log_every_steps, "Steps between log lines and TensorBoard scalars (independent of checkpoints).")
 flags.DEFINE_integer("seed", _d.train.seed, "Seed for shuffling the training data.")
 # --- data
-flags.DEFINE_string("dataset", _d.data.dataset, "'mnist5k' (embedded, no download), 'folder:/path/to/root' (root/<split>/<class>/<images>) or a TFDS name such as 'imagenet2012' or 'cifar10'.")
+flags.DEFINE_string("dataset", _d.data.dataset, "'mnist5k' (embedded, no download), 'folder:/path/to/root' (root/<split>/<class>/<images>) or a TFDS name such as 'imagenet2012' or 'cifar10'. Not given, or mnist5k: the embedded demo, whose defaults (shown as 'Demo default') replace the original's for the flags not given.")
 flags.DEFINE_string("data_dir", _d.data.data_dir, "TFDS data directory.")
 flags.DEFINE_string("train_split", _d.data.train_split, "Split for training; TFDS slicing works for every source, e.g. 'train[:90%]'.")
 flags.DEFINE_string("eval_split", _d.data.eval_split, "Split for evaluation, e.g. 'validation', 'test' or 'train[90%:]'.")
@@ -53,7 +57,7 @@ flags.DEFINE_float("labeled_fraction", _d.data.labeled_fraction, "Fraction of ea
 flags.DEFINE_integer("labeled_per_class", _d.data.labeled_per_class, "If > 0, use this many labeled examples per class instead of --labeled_fraction.")
 flags.DEFINE_integer("labeled_seed", _d.data.labeled_seed, "Seed choosing the labeled subset (nested: 1% is inside 10% for the same seed).")
 # --- what to run
-flags.DEFINE_enum("mode", _d.train.mode, list(config_lib.MODES), "Whether to train, evaluate (following new checkpoints), or both.")
+flags.DEFINE_enum("mode", _d.train.mode, list(config_lib.MODES), "Whether to train, evaluate (following new checkpoints), or both. The default is the original's; the original READMEs' pretraining commands rely on it.")
 flags.DEFINE_enum("train_mode", _d.train.train_mode, list(config_lib.TRAIN_MODES), "pretrain (contrastive), finetune (labels, from --checkpoint), distill (a teacher's soft labels) or supervised (labels, from scratch).")
 flags.DEFINE_bool("lineareval_while_pretraining", _d.train.lineareval_while_pretraining, "Train a linear head on stop-gradient features while pretraining.")
 flags.DEFINE_string("checkpoint", _d.train.checkpoint, "Checkpoint (prefix or directory) to initialise from when model_dir holds none, e.g. a pretraining run for fine-tuning; with --mode=eval it is evaluated once. Original SimCLR checkpoints: convert them with tools/convert_checkpoint.py.")
@@ -104,12 +108,101 @@ flags.DEFINE_float("sk_ratio", _d.model.sk_ratio, "If bigger than 0, use selecti
 flags.DEFINE_float("se_ratio", _d.model.se_ratio, "If bigger than 0, use squeeze-and-excitation.")
 flags.DEFINE_float("batch_norm_decay", _d.model.batch_norm_decay, "Batch norm decay (moving-average momentum).")
 
+# --- flags only the original's TF1 run.py has (its top-level README's commands pass them)
+flags.DEFINE_string("variable_schema", None, "TF1 run.py only, accepted and not used: --checkpoint restores the model's weights only (no step, no optimizer slots), every variable it holds with a matching shape, and logs the list.")
+flags.DEFINE_integer("train_summary_steps", None, "TF1 run.py only: N > 0 sets --log_every_steps=N (unless given); 0 (no training summaries) cannot be honoured: scalars are written every --log_every_steps.")
+
+for _section in config_lib.DEMO_DEFAULTS.values():
+    for _name, _value in _section.items():
+        FLAGS[_name].help += f" Demo default: {_value}."
+
+
+def runs_demo(flag_values: flags.FlagValues = FLAGS) -> bool:
+    """Whether DEMO_DEFAULTS apply: --dataset not given, or given as the embedded demo data.
+
+    The original has no mnist5k, so no command of its READMEs is affected, and its
+    ImageNet defaults (a ResNet-50 at 224 px, batch 512) make no sense for 4,000 digits.
+    """
+    dataset = flag_values["dataset"]
+    return not dataset.present or dataset.value == config_lib.DEMO_DATASET
+
+
+def demo_values(flag_values: flags.FlagValues = FLAGS) -> dict[str, Any]:
+    """{flag: demo value} for the demo's flags not given on the command line or in a flagfile."""
+    if not runs_demo(flag_values):
+        return {}
+    return {
+        name: value
+        for section in config_lib.DEMO_DEFAULTS.values()
+        for name, value in section.items()
+        if not flag_values[name].present
+    }
+
+
+def tf1_values(flag_values: flags.FlagValues = FLAGS) -> dict[str, Any]:
+    """{flag: value} of ours that the TF1-only flags given translate to."""
+    steps = flag_values["train_summary_steps"]
+    if steps.present and steps.value > 0 and not flag_values["log_every_steps"].present:
+        return {"log_every_steps": steps.value}
+    return {}
+
+
+def tf1_notes(flag_values: flags.FlagValues = FLAGS) -> list[str]:
+    """One line per TF1-only flag given: what it means here, or what replaces it."""
+    notes = []
+    schema = flag_values["variable_schema"]
+    if schema.present:
+        notes.append(
+            f"--variable_schema={schema.value!r} (TF1 run.py) is not used, and no other pattern can "
+            "be: --checkpoint restores the model's weights only (never global_step or optimizer "
+            "slots), every variable it holds with the same shape (the backbone must all be there), "
+            "and logs the list; --zero_init_logits_layer starts the supervised head at zero, as a "
+            "schema excluding 'head' did. Checkpoints of the original: convert them first with "
+            "tools/convert_checkpoint.py (the released TF1 ones have TF2 copies under gs://simclr-checkpoints-tf2/)."
+        )
+    steps = flag_values["train_summary_steps"]
+    if steps.present:
+        log_every = flag_values["log_every_steps"]
+        if steps.value <= 0:
+            notes.append(
+                f"--train_summary_steps={steps.value} (TF1 run.py: no training summaries) cannot be "
+                "honoured: training scalars are always written, every --log_every_steps "
+                f"({demo_values(flag_values).get('log_every_steps', log_every.value)} here)."
+            )
+        elif log_every.present:
+            notes.append(
+                f"--train_summary_steps={steps.value} (TF1 run.py) is not used: "
+                f"--log_every_steps={log_every.value} is given."
+            )
+        else:
+            notes.append(
+                f"--train_summary_steps={steps.value} (TF1 run.py) -> --log_every_steps={steps.value}: "
+                "log lines and training scalars every that many steps."
+            )
+    return notes
+
+
+def demo_note(flag_values: flags.FlagValues = FLAGS) -> str | None:
+    """The line saying which demo values were applied; None when none were."""
+    applied = demo_values(flag_values)
+    if not applied:
+        return None
+    listed = ", ".join(f"--{name}={value}" for name, value in applied.items())
+    if flag_values["dataset"].present:
+        return (f"--dataset={config_lib.DEMO_DATASET} is the embedded demo: its defaults for the flags "
+                f"not given: {listed}.")
+    return (f"--dataset not given: running the embedded demo with {listed}; pass --dataset=... for the "
+            "original's defaults (README: Commands from the original SimCLR READMEs).")
+
 
 def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> config_lib.Config:
-    """The typed config for the parsed flags."""
+    """The typed config for the parsed flags, demo defaults and TF1 flags applied."""
+    values = {name: flag_values[name].value for name in config_lib.all_field_names()}
+    values.update(demo_values(flag_values))
+    values.update(tf1_values(flag_values))  # given explicitly, so over the demo's
     sections: dict[str, dict] = {}
-    for name in config_lib.all_field_names():
-        sections.setdefault(config_lib.section_of(name), {})[name] = flag_values[name].value
+    for name, value in values.items():
+        sections.setdefault(config_lib.section_of(name), {})[name] = value
     config = config_lib.Config.from_dict(sections)
     config_lib.validate(config)
     return config
@@ -120,10 +213,13 @@ def default_model_dir(config: config_lib.Config) -> str:
     return os.path.join("runs", f"{config.train.train_mode}_{dataset}")
 
 
-def our_flag_values(flag_values: flags.FlagValues = FLAGS) -> dict:
-    """Values of the flags this module defines (not absl's own), JSON-serialisable."""
+def our_flag_values(config: config_lib.Config, flag_values: flags.FlagValues = FLAGS) -> dict:
+    """Values of the flags this module defines (not absl's own) as the run resolved them
+    (`config`'s, demo defaults included), JSON-serialisable."""
     names = [f.name for f in flag_values.get_flags_for_module(__name__)]
-    return {name: flag_values[name].value for name in sorted(names)}
+    values = {name: flag_values[name].value for name in sorted(names)}
+    values.update(config.flat())
+    return values
 
 
 # Keras imports these at import time when they are installed (mlxtend installs them) for
@@ -153,6 +249,9 @@ def main(argv: list[str]) -> None:
         config = config_from_flags()
     except ValueError as error:
         raise app.UsageError(str(error)) from None
+    for note in [demo_note(), *tf1_notes()]:
+        if note:
+            logging.info(note)
     model_dir = FLAGS.model_dir or default_model_dir(config)
     logging.info("model_dir: %s", model_dir)
 
@@ -176,7 +275,7 @@ def main(argv: list[str]) -> None:
         check_model_dir(config, model_dir)
         # Taken before flags.json is written, so a second run leaves the first one's alone.
         with model_dir_lock_for(config, model_dir):
-            resolved = our_flag_values()
+            resolved = our_flag_values(config)
             resolved["model_dir"] = model_dir
             write_json(os.path.join(model_dir, "flags.json"), resolved)
             train_and_evaluate(config, model_dir)

@@ -49,7 +49,7 @@ def test_flags_build_the_typed_config():
     assert config.train.train_steps == 9 and config.optim.optimizer == "momentum"
     assert config.data.dataset == "folder:/data" and config.data.use_blur is False
     # Flag defaults and dataclass defaults are one source of truth.
-    assert cli.config_from_flags(_parsed()) == config_lib.Config()
+    assert cli.config_from_flags(_parsed()) == config_lib.Config.demo()
 
 
 def test_invalid_combination_is_reported_with_the_flag_name():
@@ -90,7 +90,7 @@ def _fake_run(model_dir, **sections):
     from simclr_tf.train.experiment import save_config
 
     tf.train.Checkpoint(v=tf.Variable(1.0)).save(str(model_dir / "ckpt"))
-    save_config(config_lib.Config().replace(**sections), str(model_dir))
+    save_config(config_lib.Config.demo().replace(**sections), str(model_dir))
 
 
 TINY_FLAGS = ("--train_split=train[:16]", "--eval_split=validation[:16]", "--train_steps=1")
@@ -134,7 +134,7 @@ def test_a_model_dir_of_another_run_is_refused_and_left_untouched(tmp_path):
 def test_batch_not_divisible_by_the_replicas(tmp_path, two_cpu_strategy):
     from simclr_tf.train.experiment import Experiment
 
-    config = config_lib.Config().replace(train={"train_batch_size": 15, "train_steps": 1})
+    config = config_lib.Config.demo().replace(train={"train_batch_size": 15, "train_steps": 1})
     with pytest.raises(config_lib.FlagError, match=r"^--train_batch_size=15 is not divisible by the 2 replicas"):
         Experiment.create(config, str(tmp_path), two_cpu_strategy)
 
@@ -159,7 +159,7 @@ def test_run_py_names_an_unreadable_image_in_one_line(tmp_path):
     broken = tmp_path / "data" / "train" / "b" / "broken.jpg"
     broken.write_bytes(b"<html>404</html>")
     command = [sys.executable, str(REPO / "run.py"), f"--model_dir={tmp_path}/run", f"--dataset=folder:{tmp_path}/data",
-               "--train_steps=2", "--train_batch_size=4", "--image_size=8", "--width_multiplier=0.25"]
+               "--train_steps=2", "--train_batch_size=4", "--image_size=8", "--resnet_depth=18", "--width_multiplier=0.25"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 1
     last_line = completed.stderr.strip().splitlines()[-1]
@@ -180,7 +180,7 @@ def test_runs_keep_keras_optional_imports_out_and_still_train(dataset, kept_out)
         "from simclr_tf.models import build_model\n"
         "from simclr_tf.config import ModelConfig\n"
         "assert get_source('mnist5k').num_examples('train') == 4000\n"
-        "model = build_model(ModelConfig(width_multiplier=0.25, image_size=16), num_classes=10)\n"
+        "model = build_model(ModelConfig(resnet_depth=18, width_multiplier=0.25, image_size=16), num_classes=10)\n"
         "model(tf.zeros([2, 16, 16, 3]), training=True)\n"
         "print(sorted(m for m in cli.OPTIONAL_IMPORTS_UNUSED_BY_RUNS if m in sys.modules and sys.modules[m] is None))\n"
     )

@@ -7,7 +7,7 @@ from simclr_tf.config import Config
 
 
 def test_round_trip_through_dict():
-    config = Config().replace(model={"resnet_depth": 50}, train={"train_steps": 7})
+    config = Config.demo().replace(model={"resnet_depth": 50}, train={"train_steps": 7})
     assert Config.from_dict(config.to_dict()) == config
 
 
@@ -17,7 +17,7 @@ def test_field_names_are_unique_across_sections():
 
 
 def test_derived_steps_follow_the_original_formulas():
-    config = Config().replace(
+    config = Config.demo().replace(
         train={"train_batch_size": 512, "train_epochs": 100, "checkpoint_epochs": 2},
         optim={"warmup_epochs": 10},
     )
@@ -57,7 +57,7 @@ def test_derived_steps_follow_the_original_formulas():
     ],
 )
 def test_validate_names_the_flag(section, fields, flag):
-    config = Config().replace(**{section: fields})
+    config = Config.demo().replace(**{section: fields})
     if flag is None:
         config_lib.validate(config)
         return
@@ -68,6 +68,7 @@ def test_validate_names_the_flag(section, fields, flag):
 
 def test_defaults_are_valid():
     config_lib.validate(Config())
+    config_lib.validate(Config.demo())
     for width in (0.25, 0.5, 1.0, 2.0, 3.0):
-        config_lib.validate(Config().replace(model={"width_multiplier": width}))
-    assert dataclasses.asdict(Config())["model"]["image_size"] == 32
+        config_lib.validate(Config.demo().replace(model={"width_multiplier": width}))
+    assert dataclasses.asdict(Config.demo())["model"]["image_size"] == 32

@@ -64,11 +64,11 @@ def test_tf_config_is_read_from_the_environment():
 
 def test_strategy_flags_are_validated():
     with pytest.raises(ValueError, match="--strategy"):
-        validate(Config().replace(runtime={"use_tpu": True, "strategy": "mirrored"}))
+        validate(Config.demo().replace(runtime={"use_tpu": True, "strategy": "mirrored"}))
     with pytest.raises(ValueError, match="--strategy"):
-        validate(Config().replace(runtime={"strategy": "parameter_server"}))
+        validate(Config.demo().replace(runtime={"strategy": "parameter_server"}))
     with pytest.raises(ValueError, match="--precision"):
-        validate(Config().replace(runtime={"precision": "float16"}))
+        validate(Config.demo().replace(runtime={"precision": "float16"}))
 
 
 def test_default_strategy_is_built_and_is_chief():
@@ -220,7 +220,7 @@ def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     model_dir = tmp_path / "model"
-    config = Config().replace(
+    config = Config.demo().replace(
         model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 1,
                "global_bn": True},
         data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:16]"},

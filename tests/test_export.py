@@ -126,7 +126,7 @@ def test_a_failed_export_leaves_the_previous_one_and_no_partial_directory(tmp_pa
 
 
 def test_training_run_exports_its_final_model(tmp_path):
-    config = Config().replace(
+    config = Config.demo().replace(
         model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 32, "proj_out_dim": 8},
         data={"dataset": "mnist5k", "train_split": "train[:32]"},
         train={"mode": "train", "train_steps": 2, "train_batch_size": 16, "keep_hub_module_max": 1},

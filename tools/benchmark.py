@@ -104,7 +104,7 @@ FIXED_TRAIN = {"temperature": 0.5, "hidden_norm": True}
 
 
 def benchmark_config(args: argparse.Namespace) -> Config:
-    return Config().replace(
+    return Config.demo().replace(
         model={"resnet_depth": args.resnet_depth, "width_multiplier": args.width_multiplier,
                "image_size": args.image_size, **FIXED_MODEL},
         data={"dataset": args.dataset, "train_split": args.train_split,

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_config(args: argparse.Namespace, precision: str, seed: int):
     from simclr_tf.config import Config
 
-    return Config().replace(
+    return Config.demo().replace(
         model={"resnet_depth": args.resnet_depth, "width_multiplier": args.width_multiplier,
                "image_size": args.image_size},
         data={"dataset": args.dataset, "train_split": args.train_split, "eval_split": args.eval_split,

@@ -95,7 +95,7 @@ def resolve_budget(args: argparse.Namespace) -> Budget:
 def base_config(args: argparse.Namespace, budget: Budget):
     from simclr_tf.config import Config
 
-    return Config().replace(
+    return Config.demo().replace(
         model={
             "resnet_depth": budget.resnet_depth,
             "width_multiplier": budget.width_multiplier,

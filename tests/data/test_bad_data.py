@@ -141,7 +141,7 @@ def test_files_without_an_image_extension_are_ignored_and_logged(tmp_path, caplo
 
 def test_a_missing_split_is_a_flag_error_naming_the_path(tmp_path):
     root = _folder(tmp_path)
-    config = Config().replace(
+    config = Config.demo().replace(
         data={"dataset": f"folder:{root}", "eval_split": "validation"},
         train={"train_steps": 1},
     )

@@ -282,7 +282,7 @@ def test_build_model_from_config():
     bn = model.backbone.stem.stem_layers[1].bn
     assert bn.synchronized
     assert not build_model(config, num_classes=None, global_bn=False).global_bn
-    imagenet = build_model(ModelConfig(image_size=64), num_classes=None)
+    imagenet = build_model(ModelConfig(resnet_depth=18, width_multiplier=0.25, image_size=64), num_classes=None)
     assert not imagenet.cifar_stem and imagenet.supervised_head is None
 
 

@@ -268,7 +268,7 @@ def converted_dir(tmp_path_factory, tool):
 
 
 def _run_config(train_mode, checkpoint=None, **train) -> Config:
-    return Config().replace(
+    return Config.demo().replace(
         model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 32, "proj_out_dim": 16},
         data={"dataset": "mnist5k", "train_split": "train[:32]", "eval_split": "validation[:32]"},
         optim={"optimizer": "momentum", "learning_rate": 0.01, "warmup_epochs": 0},

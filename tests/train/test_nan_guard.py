@@ -15,7 +15,7 @@ BAD_STEP = 5  # inside the loop of steps 4-6 (checkpoints and logs every 3 steps
 
 
 def _experiment(model_dir, strategy=None):
-    config = Config().replace(
+    config = Config.demo().replace(
         model={"image_size": 16, "num_proj_layers": 1, "proj_out_dim": 16},
         data={"train_split": "train[:64]", "eval_split": "validation[:16]"},
         train={"mode": "train", "train_steps": 9, "train_batch_size": BATCH, "checkpoint_steps": 3,

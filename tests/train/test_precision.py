@@ -22,7 +22,7 @@ BATCH = 8
 
 
 def tiny_config(precision: str = "float32", jit_compile: bool = False) -> Config:
-    return Config().replace(
+    return Config.demo().replace(
         model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 2},
         data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:32]"},
         optim={"warmup_epochs": 0},

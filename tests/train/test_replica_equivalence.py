@@ -31,7 +31,7 @@ def tiny_config(train_mode: str, checkpoint: str | None, global_bn: bool = True)
     The large rate makes every update big next to float32 rounding, so equal updates
     are a real check (LARS scales most of them by eeta * ||w|| / ||g||).
     """
-    return Config().replace(
+    return Config.demo().replace(
         model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 16,
                "num_proj_layers": 2, "global_bn": global_bn, "batch_norm_decay": 0.5},
         data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:16]",

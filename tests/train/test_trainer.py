@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def tiny_config(**overrides) -> Config:
     """ResNet-18 x0.25 on 64 training / 64 validation digits, 2 steps of batch 16."""
-    config = Config().replace(
+    config = Config.demo().replace(
         model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 32, "num_proj_layers": 2},
         data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:64]"},
         train={
