@@ -58,7 +58,7 @@ def test_empty_queries_give_nan():
 
 @pytest.mark.parametrize("enabled", [False, True])
 def test_evaluate_reports_the_probe_only_when_asked(tmp_path, enabled):
-    config = Config().replace(
+    config = Config.demo().replace(
         data={"train_split": "train[:64]", "eval_split": "validation[:32]"},
         train={"linear_probe_eval": enabled, "eval_batch_size": 32, "train_batch_size": 16},
     )
