@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import tensorflow as tf
 
 from simclr_tf.data.augment import CROP_AREA_RANGE, preprocess_for_eval, preprocess_for_train
@@ -11,6 +13,8 @@ from simclr_tf.data.sources import LabeledSubset, Source
 _EPOCH_SEED_STRIDE = 1_000_003
 # TensorFlow's own default graph seed, so orders are those of an unseeded process.
 _EPOCH_GRAPH_SEED = 87654321
+# Epoch e's order seed (the permutation of the files) is its shuffle seed plus this.
+_ORDER_SEED_OFFSET = 2**40
 
 
 def shuffle_buffer_size(batch_size: int, image_size: int) -> int:
@@ -19,7 +23,7 @@ def shuffle_buffer_size(batch_size: int, image_size: int) -> int:
 
 
 def epoch_stream(
-    ds: tf.data.Dataset,
+    ds: tf.data.Dataset | Callable[[tf.Tensor | None], tf.data.Dataset],
     *,
     buffer_size: int,
     seed: int | None,
@@ -28,12 +32,14 @@ def epoch_stream(
 ) -> tf.data.Dataset:
     """Endless shuffled epochs of `ds`, starting at example `start_example` of the stream.
 
-    Epoch e is `ds` shuffled with a seed made of (seed, e), so its order does not
-    depend on how many epochs this process has already read: a run resumed at
-    example k = e * epoch_size + i continues with the examples an uninterrupted run
-    would have read (epoch e, from position i). `ds` must read the same order on
-    every pass (the sources shuffle files once per seed). `seed=None` shuffles
-    each epoch at random.
+    `ds` is either a dataset that reads the same order on every pass, or a function
+    of an epoch's order seed (an int64 scalar tensor; None when `seed` is None)
+    returning that epoch's dataset, e.g. the files in a permutation of that seed.
+    Epoch e is then shuffled with a buffer of `buffer_size` and a seed made of
+    (seed, e). Both seeds depend only on (seed, e), not on how many epochs this
+    process has already read: a run resumed at example k = e * epoch_size + i
+    continues with the examples an uninterrupted run would have read (epoch e, from
+    position i). `seed=None` shuffles each epoch at random.
     """
     if epoch_size < 1:
         raise ValueError(f"Cannot train on an empty dataset (epoch_size={epoch_size}).")
@@ -41,13 +47,18 @@ def epoch_stream(
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         if seed is None:
-            return ds.shuffle(buffer_size, reshuffle_each_iteration=False)
-        # Pin the graph-level half of the shuffle seed in this function's graph: the
-        # order must not depend on a user's tf.random.set_seed, and a global seed of 0
-        # would make TensorFlow test our tensor op seed as a Python bool and fail.
-        tf.compat.v1.get_default_graph().seed = _EPOCH_GRAPH_SEED
-        epoch_seed = seed * _EPOCH_SEED_STRIDE + epoch + 1
-        return ds.shuffle(buffer_size, seed=epoch_seed, reshuffle_each_iteration=False)
+            epoch_seed = order_seed = None
+        else:
+            # Pin the graph-level half of the shuffle seeds in this function's graph: the
+            # order must not depend on a user's tf.random.set_seed, and a global seed of 0
+            # would make TensorFlow test our tensor op seed as a Python bool and fail.
+            tf.compat.v1.get_default_graph().seed = _EPOCH_GRAPH_SEED
+            epoch_seed = seed * _EPOCH_SEED_STRIDE + epoch + 1
+            # A seed of its own for the epoch's order, so that the two shuffles of one
+            # epoch do not draw the same random numbers.
+            order_seed = epoch_seed + _ORDER_SEED_OFFSET
+        data = ds if isinstance(ds, tf.data.Dataset) else ds(order_seed)
+        return data.shuffle(buffer_size, seed=epoch_seed, reshuffle_each_iteration=False)
 
     # `skip` reads the skipped examples (from the cache when there is one) but does
     # not augment them.
@@ -88,8 +99,10 @@ def build_dataset(
     `labeled_subset` keeps only a fixed class-balanced subset of the (sliced) split,
     e.g. 1% of the labels for semi-supervised fine-tuning; None or one that
     `is_everything` reads the whole split.
-    Training order: epoch e is a shuffle seeded by (`shuffle_seed`, e) of the
-    source's order (files shuffled once per seed), see `epoch_stream`;
+    Training order: epoch e reads this pipeline's share of the split in a new
+    permutation (the source's files shuffled with a seed made of (`shuffle_seed`,
+    e); with `cache`, the whole cached share permuted), then shuffles it with a
+    buffer, see `epoch_stream`. So batch-mates change every epoch, and
     `start_example` (this pipeline's examples already read by the run being
     resumed) starts the stream at the epoch and position it had reached.
     """
@@ -100,14 +113,39 @@ def build_dataset(
 
     # Only pass a seed or subset when one is given, so any object following the
     # Source protocol without those arguments still works.
-    source_kwargs = {} if shuffle_seed is None else {"seed": shuffle_seed}
+    subset_kwargs = {}
     if labeled_subset is not None and not labeled_subset.is_everything:
-        source_kwargs["labeled_subset"] = labeled_subset
-    ds = source.as_dataset(split, shuffle_files=is_training, input_context=input_context, **source_kwargs)
+        subset_kwargs["labeled_subset"] = labeled_subset
+
+    def read(shuffle_files: bool, seed: tf.Tensor | None = None) -> tf.data.Dataset:
+        seed_kwargs = {} if seed is None else {"seed": seed}
+        return source.as_dataset(
+            split, shuffle_files=shuffle_files, input_context=input_context, **subset_kwargs, **seed_kwargs
+        )
+
+    # In file order (eagerly, outside any tf.function): evaluation reads it, and
+    # training counts an epoch with it.
+    ds = read(shuffle_files=False)
     if cache:
         ds = ds.cache()
 
     if is_training:
+        epoch_size = _examples_per_pass(ds, source, split, labeled_subset, input_context)
+        if cache:
+            # Decode once, keep the images in file order, and permute the whole cached
+            # split each epoch: the shuffle buffer holds references to the cached
+            # tensors, not copies. The split's size bounds every shard's.
+            cached = ds
+            full_split = source.num_examples(split, **subset_kwargs)
+
+            def epoch_data(order_seed: tf.Tensor | None) -> tf.data.Dataset:
+                return cached.shuffle(full_split, seed=order_seed, reshuffle_each_iteration=False)
+
+        else:
+            # The source reads its files in a new permutation each epoch, decoding only
+            # what the shuffle buffer needs.
+            def epoch_data(order_seed: tf.Tensor | None) -> tf.data.Dataset:
+                return read(shuffle_files=True, seed=order_seed)
 
         def make_views(image: tf.Tensor, label: tf.Tensor) -> tuple[tuple[tf.Tensor, ...], tf.Tensor]:
             views = tuple(
@@ -124,10 +162,10 @@ def build_dataset(
             return views, tf.cast(label, tf.int32)
 
         ds = epoch_stream(
-            ds,
+            epoch_data,
             buffer_size=shuffle_buffer_size(batch_size, image_size),
             seed=shuffle_seed,
-            epoch_size=_examples_per_pass(ds, source, split, labeled_subset, input_context),
+            epoch_size=epoch_size,
             start_example=start_example,
         )
     else:

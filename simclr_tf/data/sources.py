@@ -44,9 +44,11 @@ class Source(Protocol):
     """What `build_dataset` needs from a dataset source.
 
     `as_dataset` yields `(uint8 (H, W, 3), int64 ())` pairs, reading only this input
-    pipeline's shard when `input_context` is given. `seed` (optional) fixes the
-    file-order shuffle; `labeled_subset` (optional) keeps only that class-balanced
-    subset of the (sliced) split. `build_dataset` passes either only when it has one.
+    pipeline's shard when `input_context` is given. `seed` (optional; a Python int or
+    an int64 scalar tensor) fixes the file-order shuffle: the training pipeline asks
+    for a new order each epoch, from inside a `tf.data` function. `labeled_subset`
+    (optional) keeps only that class-balanced subset of the (sliced) split.
+    `build_dataset` passes either only when it has one.
     """
 
     name: str
@@ -61,7 +63,7 @@ class Source(Protocol):
         *,
         shuffle_files: bool,
         input_context: tf.distribute.InputContext | None = None,
-        seed: int | None = None,
+        seed: int | tf.Tensor | None = None,
         labeled_subset: LabeledSubset | None = None,
     ) -> tf.data.Dataset: ...
 
@@ -251,7 +253,7 @@ def _in_memory_dataset(
     *,
     shuffle_files: bool,
     input_context: tf.distribute.InputContext | None,
-    seed: int | None,
+    seed: int | tf.Tensor | None,
 ) -> tf.data.Dataset:
     """(items, labels) slices, sharded per input pipeline and optionally shuffled."""
     ds = tf.data.Dataset.from_tensor_slices((images_or_paths, labels.astype(np.int64)))
@@ -259,9 +261,10 @@ def _in_memory_dataset(
         # Shard before shuffling: every pipeline must cut the same (unshuffled) order.
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     if shuffle_files:
-        # One order per seed, the same on every pass: the training pipeline reshuffles
-        # each epoch with a seed of its own (`epoch_stream`), so a resumed run reads
-        # the epochs an uninterrupted one would have.
+        # One order per seed, the same on every pass: the training pipeline asks for
+        # each epoch's order with a seed of that epoch (`epoch_stream`), so a resumed
+        # run reads the epochs an uninterrupted one would have. A permutation of the
+        # whole shard: the items are paths or small in-memory images.
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=False)
     return ds
 
@@ -319,7 +322,7 @@ class Mnist5kSource:
         *,
         shuffle_files: bool,
         input_context: tf.distribute.InputContext | None = None,
-        seed: int | None = None,
+        seed: int | tf.Tensor | None = None,
         labeled_subset: LabeledSubset | None = None,
     ) -> tf.data.Dataset:
         images, labels = self._select(split, labeled_subset)
@@ -498,15 +501,20 @@ class FolderSource:
         *,
         shuffle_files: bool,
         input_context: tf.distribute.InputContext | None = None,
-        seed: int | None = None,
+        seed: int | tf.Tensor | None = None,
         labeled_subset: LabeledSubset | None = None,
     ) -> tf.data.Dataset:
         paths, labels = self._select(split, labeled_subset)
         ds = _in_memory_dataset(
             paths, labels, shuffle_files=shuffle_files, input_context=input_context, seed=seed
         )
-        # The files of this pipeline's shard, known to tf.data.
-        return decode_image_files(ds, skip_bad=self.skip_bad_images, num_files=int(ds.cardinality()))
+        # The files of this pipeline's shard (counted in Python: this may run inside a
+        # tf.data function, where the cardinality is a symbolic tensor).
+        pipelines, index = (1, 0) if input_context is None else (
+            input_context.num_input_pipelines, input_context.input_pipeline_id
+        )
+        num_files = len(range(index, len(paths), pipelines))
+        return decode_image_files(ds, skip_bad=self.skip_bad_images, num_files=num_files)
 
 
 # --------------------------------------------------------------------------- TFDS
@@ -580,26 +588,33 @@ class TfdsSource:
     def _split_labels(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """int64 id hashes and labels of every example of `split`, in file order."""
         if split not in self._labels_cache:
-            ds = self._builder.as_dataset(
-                split=split,
-                shuffle_files=False,
-                decoders={self._image_key: self._tfds.decode.SkipDecoding()},  # bytes stay bytes
-                read_config=self._tfds.ReadConfig(add_tfds_id=True),
-            )
-            ds = ds.map(lambda ex: (ex["tfds_id"], ex[self._label_key]), num_parallel_calls=tf.data.AUTOTUNE)
-            batches = list(ds.batch(8192).as_numpy_iterator())
-            ids = np.concatenate([ids for ids, _ in batches] or [np.zeros([0], bytes)])
-            labels = np.concatenate([labels for _, labels in batches] or [np.zeros([0], np.int64)])
-            # File order, not read order: TFDS interleaves files, and how may change.
-            order = _tfds_id_order(ids)
-            hashes = _hash_ids(tf.constant(ids[order], tf.string)).numpy()
-            # Membership is tested on hashes, so they must identify examples exactly.
-            if len(np.unique(hashes)) != len(hashes):
-                raise RuntimeError(
-                    f"tfds_id hashes of {self.name} {split} collide; cannot select a labeled subset."
-                )
-            self._labels_cache[split] = hashes, labels[order].astype(np.int64)
+            # Eagerly, also when first asked from inside a tf.data function (each
+            # training epoch builds its dataset there).
+            with tf.init_scope():
+                self._labels_cache[split] = self._read_split_labels(split)
         return self._labels_cache[split]
+
+    def _read_split_labels(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Reads every record's id and label once, without decoding the images."""
+        ds = self._builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            decoders={self._image_key: self._tfds.decode.SkipDecoding()},  # bytes stay bytes
+            read_config=self._tfds.ReadConfig(add_tfds_id=True),
+        )
+        ds = ds.map(lambda ex: (ex["tfds_id"], ex[self._label_key]), num_parallel_calls=tf.data.AUTOTUNE)
+        batches = list(ds.batch(8192).as_numpy_iterator())
+        ids = np.concatenate([ids for ids, _ in batches] or [np.zeros([0], bytes)])
+        labels = np.concatenate([labels for _, labels in batches] or [np.zeros([0], np.int64)])
+        # File order, not read order: TFDS interleaves files, and how may change.
+        order = _tfds_id_order(ids)
+        hashes = _hash_ids(tf.constant(ids[order], tf.string)).numpy()
+        # Membership is tested on hashes, so they must identify examples exactly.
+        if len(np.unique(hashes)) != len(hashes):
+            raise RuntimeError(
+                f"tfds_id hashes of {self.name} {split} collide; cannot select a labeled subset."
+            )
+        return hashes, labels[order].astype(np.int64)
 
     def _chosen_hashes(self, split: str, labeled_subset: LabeledSubset) -> np.ndarray:
         hashes, labels = self._split_labels(split)
@@ -616,14 +631,15 @@ class TfdsSource:
         *,
         shuffle_files: bool,
         input_context: tf.distribute.InputContext | None = None,
-        seed: int | None = None,
+        seed: int | tf.Tensor | None = None,
         labeled_subset: LabeledSubset | None = None,
     ) -> tf.data.Dataset:
         if labeled_subset is not None and not labeled_subset.is_everything:
             ds = self._subset_dataset(split, labeled_subset, shuffle_files, input_context, seed)
         else:
             # TFDS reads a different subset of files per input pipeline from the context.
-            # One file order per seed on every pass, as `_in_memory_dataset`.
+            # One file order per seed on every pass, as `_in_memory_dataset`; TFDS
+            # passes the seed (int or tensor) to a tf.data shuffle of the files.
             read_config = self._tfds.ReadConfig(
                 input_context=input_context, shuffle_seed=seed, shuffle_reshuffle_each_iteration=False
             )
@@ -640,7 +656,7 @@ class TfdsSource:
         labeled_subset: LabeledSubset,
         shuffle_files: bool,
         input_context: tf.distribute.InputContext | None,
-        seed: int | None,
+        seed: int | tf.Tensor | None,
     ) -> tf.data.Dataset:
         """`(image, label)` of the chosen examples only.
 

@@ -205,26 +205,26 @@ class Experiment:
         batch_size: int,
         context: tf.distribute.InputContext | None = None,
         start_example: int = 0,
+        cache: bool | None = None,
     ) -> tf.data.Dataset:
-        """One replica's training batches, as the step function of this mode expects them."""
+        """One replica's training batches, as the step function of this mode expects them.
+
+        `cache` overrides `--cache_dataset` (None keeps it).
+        """
         cfg = self.config
+        common = dict(start_example=start_example, cache=cfg.data.cache_dataset if cache is None else cache)
         if self.pretraining:
             return self._training_batches(
                 batch_size, context, num_views=2,
-                color_jitter_strength=cfg.data.color_jitter_strength, use_blur=cfg.data.use_blur,
-                start_example=start_example,
+                color_jitter_strength=cfg.data.color_jitter_strength, use_blur=cfg.data.use_blur, **common,
             )
         # Fine-tuning and distillation augment with crop and flip only, as the paper.
         if self.train_mode in LABELED_MODES:
-            return self._training_batches(
-                batch_size, context, subset=labeled_subset(cfg), start_example=start_example
-            )
-        unlabeled = self._training_batches(batch_size, context, start_example=start_example)
+            return self._training_batches(batch_size, context, subset=labeled_subset(cfg), **common)
+        unlabeled = self._training_batches(batch_size, context, **common)
         if cfg.distill.distill_label_weight <= 0:
             return unlabeled
-        labeled = self._training_batches(
-            batch_size, context, subset=labeled_subset(cfg), start_example=start_example
-        )
+        labeled = self._training_batches(batch_size, context, subset=labeled_subset(cfg), **common)
         return tf.data.Dataset.zip(unlabeled, labeled).map(
             lambda u, l: {**u, "labeled_image": l["image"], "labeled_label": l["label"]}
         )
@@ -239,6 +239,7 @@ class Experiment:
         use_blur: bool = False,
         subset: data_lib.LabeledSubset | None = None,
         start_example: int = 0,
+        cache: bool,
     ) -> tf.data.Dataset:
         cfg = self.config
         return data_lib.build_dataset(
@@ -252,7 +253,7 @@ class Experiment:
             use_blur=use_blur,
             use_flip=cfg.data.use_flip,
             crop_min_area=cfg.data.crop_min_area,
-            cache=cfg.data.cache_dataset,
+            cache=cache,
             input_context=context,
             shuffle_seed=cfg.train.seed,
             labeled_subset=subset,
@@ -284,7 +285,8 @@ class Experiment:
 
     def augmented_examples(self, count: int = 4) -> tf.Tensor:
         """A few training inputs as the model sees them, views side by side: (count*views, H, W, 3)."""
-        images = next(iter(self.replica_train_dataset(count)))["image"]  # view-major
+        # Without the cache: a cached epoch starts only once the whole split is decoded.
+        images = next(iter(self.replica_train_dataset(count, cache=False)))["image"]  # view-major
         views = images.shape[0] // count
         # Interleave so each example's views are neighbours: (count, views, H, W, 3).
         images = tf.reshape(images, [views, count, *images.shape[1:]])

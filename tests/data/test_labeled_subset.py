@@ -13,6 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from simclr_tf.data import LabeledSubset, build_dataset, get_source, labeled_subset_indices
+from simclr_tf.data.pipeline import epoch_stream
 
 # Unequal, interleaved classes: 1000, 500, 250, 40 and 3 examples.
 CLASS_SIZES = [1000, 500, 250, 40, 3]
@@ -314,6 +315,32 @@ def test_tfds_files_subset_is_nested_and_cached(tiny_tfds):
     small_ids, large_ids = set(_levels(small)[0]), set(_levels(large)[0])
     assert small_ids < large_ids
     assert "train" in tiny_tfds._labels_cache  # the label pass ran once for both
+
+
+def test_tfds_file_order_changes_every_epoch(tiny_tfds):
+    # No buffer shuffle (buffer_size=1): the stream is the order TFDS reads records in,
+    # 4 files interleaved, so it changes only when the order of the files does.
+    def epochs(start_epoch, count, subset=None):
+        kwargs = {} if subset is None else {"labeled_subset": subset}
+        size = tiny_tfds.num_examples("train", **kwargs)
+        ds = epoch_stream(
+            lambda seed: tiny_tfds.as_dataset("train", shuffle_files=True, seed=seed, **kwargs),
+            buffer_size=1, seed=2, epoch_size=size, start_example=start_epoch * size,
+        )
+        return np.reshape(_levels(ds.take(count * size))[0], (count, size))
+
+    orders = epochs(0, 4)
+    for order in orders:
+        assert sorted(order) == list(range(NUM_TINY))
+    assert len({tuple(order) for order in orders}) > 1
+    # Epoch 3 read on its own (a resumed run) is epoch 3 of the stream read from the start.
+    np.testing.assert_array_equal(epochs(3, 1)[0], orders[3])
+    # A labeled subset is still exactly the chosen examples in every epoch.
+    subset = LabeledSubset(fraction=0.3, seed=1)
+    chosen = epochs(0, 3, subset)
+    assert chosen.shape[1] < NUM_TINY // 2
+    for order in chosen:
+        np.testing.assert_array_equal(np.sort(order), np.sort(chosen[0]))
 
 
 # --------------------------------------------------------------------------- real CIFAR-10
