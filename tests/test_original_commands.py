@@ -251,7 +251,8 @@ def test_tf1_flags_are_logged_with_what_they_mean_here(tmp_path, caplog):
 
     schema = "(?!global_step|(?:.*/|^)Momentum|head)"
     # A finetune run without --checkpoint stops after the notes, before anything is built.
-    with flagsaver.flagsaver(), caplog.at_level(logging.INFO):
+    # On absl's own logger too: an earlier test in the process may have raised its level.
+    with flagsaver.flagsaver(), caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
         flags.FLAGS(["run.py", f"--model_dir={tmp_path}", "--train_mode=finetune", "--train_steps=1",
                      f"--variable_schema={schema}", "--train_summary_steps=0"])
         with pytest.raises(app.UsageError, match="^--checkpoint"):

@@ -99,7 +99,7 @@ def test_experiment_hands_the_flags_to_the_training_pipeline(monkeypatch, tmp_pa
         return tf.data.Dataset.range(1)
 
     monkeypatch.setattr(experiment_lib.data_lib, "build_dataset", fake_build_dataset)
-    config = config_lib.Config().replace(
+    config = config_lib.Config.demo().replace(
         data={"train_split": "train[:16]", "eval_split": "validation[:16]", "use_flip": False, "crop_min_area": 0.4},
         train={"train_mode": train_mode, "train_batch_size": 8},
     )

@@ -59,6 +59,7 @@ def test_pretrain_with_linear_eval_end_to_end(tmp_path):
         "eval/knn_raw_pixels_top_1_accuracy",
         "eval/knn_raw_pixels_top_5_accuracy",
         "eval/knn_bank_size",
+        "eval/linear_probe_top_1_accuracy",  # the demo fits a probe at eval
         "eval/regularization_loss",
         "global_step",
     }
