@@ -396,9 +396,11 @@ def _dedupe(paths: Iterable[str | None]) -> list[str]:
     return list(dict.fromkeys(p for p in paths if p))
 
 
-# Problems found so far, by checkpoint and the size and time of its files: a checkpoint
-# checked while validating flags is not read a second time for that before its restore.
-_problems: dict[tuple, str | None] = {}
+# Checkpoints found intact so far, by path and the identity of their files: a checkpoint
+# checked while validating flags is not read a second time before its restore. Only intact
+# ones are remembered: a damaged one is moved aside and the same step may be saved again
+# within the file system's mtime granularity, with the same sizes.
+_intact: set[tuple] = set()
 
 
 def checkpoint_problem(path: str) -> str | None:
@@ -410,11 +412,22 @@ def checkpoint_problem(path: str) -> str | None:
     name = os.path.basename(path)
     if not tf.io.gfile.exists(path + ".index"):
         return f"{name}.index is missing"
-    stats = {f: tf.io.gfile.stat(f) for f in sorted(tf.io.gfile.glob(path + ".*"))}
-    key = (path, *((f, s.length, s.mtime_nsec) for f, s in stats.items()))
-    if key not in _problems:
-        _problems[key] = _read_every_tensor(path)
-    return _problems[key]
+    key = (path, *(_file_identity(f) for f in sorted(tf.io.gfile.glob(path + ".*"))))
+    if key in _intact:
+        return None
+    problem = _read_every_tensor(path)
+    if problem is None:
+        _intact.add(key)
+    return problem
+
+
+def _file_identity(filename: str) -> tuple:
+    """Size and modification time; on local disks also inode and change time."""
+    if "://" not in filename:
+        stat = os.stat(filename)
+        return (filename, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+    stat = tf.io.gfile.stat(filename)
+    return (filename, stat.length, stat.mtime_nsec)
 
 
 def _read_every_tensor(path: str) -> str | None:

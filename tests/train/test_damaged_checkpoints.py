@@ -1,5 +1,6 @@
 """A damaged checkpoint costs one interval, not the run: it is skipped, kept, and named."""
 
+import os
 import pathlib
 import shutil
 
@@ -103,6 +104,25 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_keeps_its_files(kind, save
     assert [_step(p) for p in state.all_model_checkpoint_paths] == [2, 3, 4]
     assert checkpoints.checkpoint_problem(f"{model_dir}/ckpt-3") is None
     assert _files_of(aside / "ckpt-3") == damaged
+
+
+@pytest.mark.parametrize("kind", ["flipped data bytes", "flipped index bytes"])
+def test_a_damaged_checkpoint_saved_again_with_the_same_sizes_and_times_reads_intact(kind, saved, tmp_path):
+    # A file system with coarse timestamps can give the re-saved files the damaged ones'
+    # sizes and mtimes (seen on CI); the check must still read the new files.
+    model_dir = _copy(saved, tmp_path)
+    prefix = model_dir / "ckpt-3"
+    intact = _files_of(prefix)
+    times = {name: (model_dir / name).stat().st_mtime_ns for name in intact}
+    _damage(prefix, kind)
+    for name, mtime in times.items():
+        os.utime(model_dir / name, ns=(mtime, mtime))
+    assert checkpoints.checkpoint_problem(str(prefix)) is not None
+    for name, data in intact.items():
+        (model_dir / name).unlink()
+        (model_dir / name).write_bytes(data)
+        os.utime(model_dir / name, ns=(times[name], times[name]))
+    assert checkpoints.checkpoint_problem(str(prefix)) is None
 
 
 def test_a_model_dir_without_a_readable_checkpoint_is_one_error_and_nothing_moves(saved, tmp_path):
