@@ -16,6 +16,10 @@ from typing import Any
 
 # "supervised" trains from scratch on the labels (the baseline SimCLRv2 compares with).
 TRAIN_MODES = ("pretrain", "finetune", "distill", "supervised")
+# Semi-supervised methods on labeled + unlabeled batches (simclr_tf/methods/).
+SEMI_SUPERVISED_MODES = ("fixmatch", "uda", "mean_teacher", "debiasmatch", "dst", "s4l")
+TRAIN_MODES += SEMI_SUPERVISED_MODES
+TSA_SCHEDULES = ("none", "linear", "log", "exp")
 MODES = ("train", "eval", "train_then_eval")
 OPTIMIZERS = ("lars", "momentum", "adam")
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
@@ -157,6 +161,45 @@ class DistillConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SemiConfig:
+    """The semi-supervised methods' hyper-parameters (defaults: each paper's, see its module)."""
+
+    # Unlabeled images per labeled one in a step (FixMatch's mu): mu * --train_batch_size.
+    unlabeled_batch_ratio: int = 7
+    # Keep a pseudo-label only when the model's probability for it is at least this.
+    pseudo_label_threshold: float = 0.95
+    # Weight of the unlabeled term; None = the method's own default (its module says which).
+    unlabeled_loss_weight: float | None = None
+    # UDA: sharpening temperature and confidence mask of the original-view prediction.
+    uda_temperature: float = 0.4
+    uda_confidence: float = 0.8
+    # UDA's training-signal annealing on the labeled loss.
+    tsa: str = "none"
+    # Exponential moving average of the weights, kept by every semi-supervised method.
+    ema_decay: float = 0.999
+    # Evaluate and export the weight average instead of the trained weights.
+    eval_with_ema: bool = True
+    # Mean Teacher: the consistency weight ramps up over this fraction of training.
+    consistency_rampup_fraction: float = 0.4
+    # DebiasMatch: momentum of the running mean of predictions, and the strength (tau) of
+    # both the debiasing and the adaptive margin.
+    debias_momentum: float = 0.999
+    debias_strength: float = 0.4
+    # DST: weight of the worst-case head's term, the weight of the labeled part inside it,
+    # and the largest gradient-reversal scale (reached gradually).
+    dst_worst_case_weight: float = 0.3
+    dst_eta_prime: float = 2.0
+    dst_grl_factor: float = 0.1
+    # S4L: weight of the rotation-prediction loss.
+    rotation_loss_weight: float = 1.0
+    # Weak view: flip and a translation of up to this fraction of the side.
+    weak_translate_fraction: float = 0.125
+    # Strong view: RandAugment ops per image, and Cutout's side as a fraction of the image's.
+    randaugment_num_ops: int = 2
+    cutout_fraction: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     # The one default that differs from the original's (True): True would fail on every
     # machine without a TPU, and all of the original READMEs' commands pass --use_tpu.
@@ -180,6 +223,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    semi: SemiConfig = dataclasses.field(default_factory=SemiConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     @classmethod
@@ -222,6 +266,7 @@ SECTIONS = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "distill": DistillConfig,
+    "semi": SemiConfig,
     "runtime": RuntimeConfig,
 }
 
@@ -238,23 +283,31 @@ def all_field_names() -> list[str]:
     return [f.name for section_cls in SECTIONS.values() for f in dataclasses.fields(section_cls)]
 
 
-def train_steps_for(config: Config, num_train_examples: int) -> int:
-    """Total optimizer steps, as the original: `train_steps` or epochs' worth (+1)."""
+def train_steps_for(config: Config, num_train_examples: int, examples_per_step: int | None = None) -> int:
+    """Total optimizer steps, as the original: `train_steps` or epochs' worth (+1).
+
+    `examples_per_step`: of the stream an epoch counts, read per global step (default
+    `--train_batch_size`; more when a step also reads unlabeled images).
+    """
     t = config.train
-    return t.train_steps or (num_train_examples * t.train_epochs // t.train_batch_size + 1)
+    per_step = examples_per_step or t.train_batch_size
+    return t.train_steps or (num_train_examples * t.train_epochs // per_step + 1)
 
 
-def warmup_steps_for(config: Config, num_train_examples: int) -> int:
-    return int(round(config.optim.warmup_epochs * num_train_examples // config.train.train_batch_size))
+def warmup_steps_for(config: Config, num_train_examples: int, examples_per_step: int | None = None) -> int:
+    per_step = examples_per_step or config.train.train_batch_size
+    return int(round(config.optim.warmup_epochs * num_train_examples // per_step))
 
 
-def epoch_steps_for(config: Config, num_train_examples: int) -> int:
-    return max(1, int(round(num_train_examples / config.train.train_batch_size)))
+def epoch_steps_for(config: Config, num_train_examples: int, examples_per_step: int | None = None) -> int:
+    return max(1, int(round(num_train_examples / (examples_per_step or config.train.train_batch_size))))
 
 
-def checkpoint_steps_for(config: Config, num_train_examples: int) -> int:
+def checkpoint_steps_for(config: Config, num_train_examples: int, examples_per_step: int | None = None) -> int:
     t = config.train
-    return t.checkpoint_steps or max(1, t.checkpoint_epochs * epoch_steps_for(config, num_train_examples))
+    return t.checkpoint_steps or max(
+        1, t.checkpoint_epochs * epoch_steps_for(config, num_train_examples, examples_per_step)
+    )
 
 
 def eval_steps_for(config: Config, num_eval_examples: int) -> int:
@@ -318,6 +371,7 @@ def validate(config: Config) -> None:
             fail("distill_label_weight", f"{x.distill_label_weight} must be in [0, 1].")
     if t.train_mode == "supervised" and t.checkpoint:
         fail("checkpoint", "--train_mode=supervised trains from scratch; use --train_mode=finetune to start from a checkpoint.")
+    _validate_semi(config.semi, fail)
     if o.optimizer not in OPTIMIZERS:
         fail("optimizer", f"{o.optimizer!r} is not one of {OPTIMIZERS}.")
     for flag in ("train_batch_size", "eval_batch_size"):
@@ -352,3 +406,31 @@ def validate(config: Config) -> None:
         fail("strategy", f"--strategy={r.strategy} contradicts --use_tpu; use --strategy=auto or tpu.")
     if r.precision not in PRECISIONS:
         fail("precision", f"{r.precision!r} is not one of {PRECISIONS}.")
+
+
+def _validate_semi(semi: SemiConfig, fail) -> None:
+    if semi.unlabeled_batch_ratio < 1:
+        fail("unlabeled_batch_ratio", "must be at least 1 (unlabeled images per labeled one).")
+    for flag in ("pseudo_label_threshold", "uda_confidence"):
+        if not 0 <= getattr(semi, flag) <= 1:
+            fail(flag, f"{getattr(semi, flag)} must be a probability in [0, 1].")
+    if semi.unlabeled_loss_weight is not None and not semi.unlabeled_loss_weight >= 0:
+        fail("unlabeled_loss_weight", "must be >= 0 (or left out for the method's default).")
+    if not semi.uda_temperature > 0:
+        fail("uda_temperature", "must be positive.")
+    if semi.tsa not in TSA_SCHEDULES:
+        fail("tsa", f"{semi.tsa!r} is not one of {TSA_SCHEDULES}.")
+    for flag in ("ema_decay", "debias_momentum"):
+        if not 0 <= getattr(semi, flag) < 1:
+            fail(flag, f"{getattr(semi, flag)} must be in [0, 1).")
+    if not 0 <= semi.consistency_rampup_fraction <= 1:
+        fail("consistency_rampup_fraction", "must be in [0, 1] (0: no ramp-up).")
+    for flag in ("debias_strength", "dst_worst_case_weight", "dst_eta_prime", "dst_grl_factor", "rotation_loss_weight"):
+        if not getattr(semi, flag) >= 0:
+            fail(flag, "must be >= 0.")
+    if not 0 <= semi.weak_translate_fraction < 0.5:
+        fail("weak_translate_fraction", "must be in [0, 0.5).")
+    if semi.randaugment_num_ops < 0:
+        fail("randaugment_num_ops", "must be >= 0.")
+    if not 0 <= semi.cutout_fraction <= 1:
+        fail("cutout_fraction", "must be in [0, 1] (0: no Cutout).")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import tensorflow as tf
 
@@ -15,6 +15,11 @@ _EPOCH_SEED_STRIDE = 1_000_003
 _EPOCH_GRAPH_SEED = 87654321
 # Epoch e's order seed (the permutation of the files) is its shuffle seed plus this.
 _ORDER_SEED_OFFSET = 2**40
+# Input pipeline p's view seeds start at (shuffle seed * this + p).
+_PIPELINE_SEED_STRIDE = 4099
+
+# A seeded view: (one decoded image, a shape-[2] int64 stateless seed) -> (S, S, 3) float32.
+ViewFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 def shuffle_buffer_size(batch_size: int, image_size: int) -> int:
@@ -77,6 +82,7 @@ def build_dataset(
     use_blur: bool,
     use_flip: bool = True,
     crop_min_area: float = CROP_AREA_RANGE[0],
+    view_fns: Sequence[ViewFn] | None = None,
     cache: bool = False,
     input_context: tf.distribute.InputContext | None = None,
     shuffle_seed: int | None = None,
@@ -94,8 +100,8 @@ def build_dataset(
     last partial batch, with `preprocess_for_eval` (needs `num_views == 1`).
     `batch_size` is per replica; `input_context` selects this input pipeline's shard.
     `cache` keeps the decoded uint8 images in memory (before augmentation).
-    `shuffle_seed` fixes the shuffle orders, not the augmentations; training output
-    order is still non-deterministic (parallel map with `deterministic=False`).
+    `shuffle_seed` fixes the shuffle orders, not SimCLR's augmentations; their
+    output order is still non-deterministic (parallel map with `deterministic=False`).
     `labeled_subset` keeps only a fixed class-balanced subset of the (sliced) split,
     e.g. 1% of the labels for semi-supervised fine-tuning; None or one that
     `is_everything` reads the whole split.
@@ -105,7 +111,15 @@ def build_dataset(
     buffer, see `epoch_stream`. So batch-mates change every epoch, and
     `start_example` (this pipeline's examples already read by the run being
     resumed) starts the stream at the epoch and position it had reached.
+    `view_fns` (training only) replace SimCLR's augmentation: view v of the example at
+    position i of this pipeline's stream is `view_fns[v](image, seed)` with a stateless
+    seed made of (`shuffle_seed`, pipeline, i, v), so a resumed run augments exactly
+    as an uninterrupted one (`num_views` is then `len(view_fns)`).
     """
+    if view_fns is not None:
+        if not is_training:
+            raise ValueError("view_fns are for training; evaluation has one fixed view.")
+        num_views = len(view_fns)
     if num_views < 1:
         raise ValueError(f"num_views must be >= 1, got {num_views}.")
     if not is_training and num_views != 1:
@@ -168,6 +182,17 @@ def build_dataset(
             epoch_size=epoch_size,
             start_example=start_example,
         )
+        if view_fns is not None:
+            pipeline = input_context.input_pipeline_id if input_context is not None else 0
+            base_seed = (shuffle_seed or 0) * _PIPELINE_SEED_STRIDE + pipeline
+            ds = ds.enumerate(start_example)
+
+            def make_views(position: tf.Tensor, image: tf.Tensor, label: tf.Tensor):
+                views = tuple(
+                    fn(image, tf.stack([tf.constant(base_seed, tf.int64), position * num_views + v]))
+                    for v, fn in enumerate(view_fns)
+                )
+                return views, tf.cast(label, tf.int32)
     else:
 
         def make_views(image: tf.Tensor, label: tf.Tensor) -> tuple[tuple[tf.Tensor, ...], tf.Tensor]:
@@ -183,10 +208,12 @@ def build_dataset(
 
     ds = ds.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    if is_training:
+    if is_training and view_fns is None:
         options = tf.data.Options()
         options.deterministic = False  # order does not matter after shuffling; speed does
         ds = ds.with_options(options)
+    # With seeded views the order is kept too, so a resumed run's batches are exactly
+    # those an uninterrupted run would have read.
     return ds
 
 

@@ -92,9 +92,9 @@ class RestoreReport:
     match: VariableMatch | None = None
 
 
-def model_variables_by_path(model: keras.Model) -> dict[str, tf.Variable]:
-    """Our model's variables keyed by their checkpoint object path (`model/...`)."""
-    view = tf.train.TrackableView(tf.train.Checkpoint(model=model))
+def model_variables_by_path(model: keras.Model, root: str = MODEL_ROOT) -> dict[str, tf.Variable]:
+    """Our model's (or any trackable's) variables keyed by their checkpoint object path (`<root>/...`)."""
+    view = tf.train.TrackableView(tf.train.Checkpoint(**{root: model}))
     found: dict[str, tf.Variable] = {}
     seen: set[int] = set()
 
@@ -109,7 +109,7 @@ def model_variables_by_path(model: keras.Model) -> dict[str, tf.Variable]:
                 seen.add(id(child))
                 walk(child, path)
 
-    walk(model, MODEL_ROOT)
+    walk(model, root)
     return found
 
 
@@ -136,9 +136,15 @@ def checkpoint_variables_by_path(path: str, root: str = MODEL_ROOT) -> dict[str,
     return found
 
 
-def match_variables(model: keras.Model, path: str) -> VariableMatch:
-    ours = model_variables_by_path(model)
-    theirs = checkpoint_variables_by_path(path)
+def match_variables(
+    model: keras.Model, path: str, *, root: str = MODEL_ROOT, checkpoint_root: str | None = None
+) -> VariableMatch:
+    """Our `model`'s variables (paths under `root`) against the checkpoint's under
+    `checkpoint_root` (default: the same root), e.g. a weight average read into a model."""
+    ours = model_variables_by_path(model, root)
+    theirs = checkpoint_variables_by_path(path, checkpoint_root or root)
+    if checkpoint_root and checkpoint_root != root:
+        theirs = {root + name[len(checkpoint_root):]: value for name, value in theirs.items()}
     restored, missing, mismatched = [], [], []
     shapes = {name: theirs[name][1] for name in theirs}
     shapes.update({name: list(variable.shape) for name, variable in ours.items()})
@@ -159,14 +165,16 @@ def restore_model_weights(
     *,
     exact: bool,
     required_prefixes: Iterable[str] = (BACKBONE_PREFIX,),
+    checkpoint_root: str = MODEL_ROOT,
 ) -> VariableMatch:
     """Assigns every variable the checkpoint holds with the same shape.
 
-    Raises CheckpointMismatchError, before assigning anything, if `exact` and the two
-    differ at all, or if a shape differs, or if a variable under `required_prefixes`
-    is missing.
+    `checkpoint_root`: the checkpoint's object whose weights are read (another model
+    saved beside the trained one, e.g. its weight average). Raises
+    CheckpointMismatchError, before assigning anything, if `exact` and the two differ
+    at all, or if a shape differs, or if a variable under `required_prefixes` is missing.
     """
-    match = match_variables(model, path)
+    match = match_variables(model, path, checkpoint_root=checkpoint_root)
     prefixes = tuple(required_prefixes)
     required_missing = [m for m in match.missing if m.startswith(prefixes)]
     if match.mismatched or required_missing or (exact and not match.exact):
@@ -181,18 +189,28 @@ def restore_model_weights(
             f"and the number of classes).{required}\n{match.describe()}"
         )
     reader = tf.train.load_checkpoint(path)
-    keys = checkpoint_variables_by_path(path)
+    keys = checkpoint_variables_by_path(path, checkpoint_root)
     variables = model_variables_by_path(model)
     for name in match.restored:
-        variables[name].assign(reader.get_tensor(keys[name][0]))
+        variables[name].assign(reader.get_tensor(keys[checkpoint_root + name[len(MODEL_ROOT):]][0]))
     return match
 
 
 def make_manager(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer, model_dir: str, max_to_keep: int
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    model_dir: str,
+    max_to_keep: int,
+    extra: dict | None = None,
 ) -> tf.train.CheckpointManager:
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    return tf.train.CheckpointManager(checkpoint, directory=model_dir, max_to_keep=max_to_keep)
+    """Checkpoints of `model`, `optimizer` and a method's `extra` state (by key)."""
+    extra = dict(extra or {})
+    if {MODEL_ROOT, "optimizer"} & set(extra):
+        raise ValueError(f"Extra checkpoint items cannot be named {MODEL_ROOT!r} or 'optimizer': {sorted(extra)}")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, **extra)
+    manager = tf.train.CheckpointManager(checkpoint, directory=model_dir, max_to_keep=max_to_keep)
+    manager.extra_items = extra  # checked exactly on resume, like the model
+    return manager
 
 
 def restore(
@@ -213,11 +231,13 @@ def restore(
     latest = _resume_path(manager, set_aside) if manager.latest_checkpoint else None
     if latest:
         match = match_variables(model, latest)
-        if not match.exact:
+        extra = getattr(manager, "extra_items", {})
+        differences = [match] + [match_variables(item, latest, root=key) for key, item in extra.items()]
+        if not all(m.exact for m in differences):
             raise CheckpointMismatchError(
                 f"{manager.directory} holds a checkpoint of a different model ({latest}); "
                 "use another --model_dir, or the flags of the run that wrote it:\n"
-                + match.describe()
+                + "\n".join(m.describe() for m in differences if not m.exact)
             )
         logging.info("Resuming from %s", latest)
         checkpoint.restore(latest).assert_existing_objects_matched()

@@ -1,14 +1,9 @@
-"""What a run is made of: data source, derived step counts, models, datasets, loss.
+"""What a run is made of: data source, derived step counts, the method, datasets.
 
 `Experiment.create(config, model_dir)` resolves everything that depends on the data
 (example counts, steps, classes) once, so train, eval and tests share one view of it.
-The train modes differ only here: which model, which datasets, which loss.
-
-| train_mode | model (supervised head reads --ft_proj_selector)  | data per step                  | loss |
-| pretrain   | full projection head (+ stop-gradient linear head) | 2 SimCLR views, all of train   | NT-Xent (+ linear CE) |
-| finetune   | projection layers up to the selector + head        | 1 crop/flip view, labeled subset | CE |
-| supervised | as finetune, from scratch                         | as finetune                     | CE |
-| distill    | as finetune (student); teacher frozen             | 1 view of all of train (+ labeled) | teacher soft labels (+ CE) |
+What differs between train modes (model, batches, loss, extra state) is the method's
+(`simclr_tf.methods`); this module holds what they share.
 """
 
 from __future__ import annotations
@@ -17,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+from typing import TYPE_CHECKING
 
 from absl import logging
 import keras
@@ -28,10 +24,9 @@ from simclr_tf import models
 from simclr_tf.config import Config, FlagError, ModelConfig
 from simclr_tf.distribute import build_strategy
 from simclr_tf.train import checkpoints
-from simclr_tf.train import steps as steps_lib
 
-# Modes that train on the labeled subset of the train split.
-LABELED_MODES = ("finetune", "supervised")
+if TYPE_CHECKING:
+    from simclr_tf.methods.base import Method
 
 
 @dataclasses.dataclass
@@ -45,6 +40,12 @@ class Experiment:
     train_steps: int
     warmup_steps: int
     checkpoint_steps: int
+    method: "Method" = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        from simclr_tf.methods.registry import METHODS  # methods import this module
+
+        self.method = METHODS[self.config.train.train_mode](self)
 
     @classmethod
     def create(
@@ -56,16 +57,14 @@ class Experiment:
         check_model_dir(config, model_dir)
         train_mode = config.train.train_mode
         resuming = tf.train.latest_checkpoint(model_dir) is not None
-        if train_mode == "finetune" and config.train.mode != "eval" and not config.train.checkpoint and not resuming:
-            raise FlagError(
-                "--checkpoint: --train_mode=finetune needs --checkpoint (a pretraining model_dir "
-                "or checkpoint) when --model_dir holds no checkpoint; use --train_mode=supervised "
-                "to train from scratch."
-            )
+        from simclr_tf.methods.registry import METHODS  # methods import this module
+
+        method_class = METHODS[train_mode]
+        method_class.check_flags(config, resuming=resuming)
         if config.train.checkpoint and not resuming and config.train.mode != "eval":
             with _as_flag_error("checkpoint"):
                 checkpoints.resolve_checkpoint_path(config.train.checkpoint)
-        if train_mode == "distill":
+        if config.distill.teacher_checkpoint and train_mode == "distill":
             with _as_flag_error("teacher_checkpoint"):
                 checkpoints.resolve_checkpoint_path(config.distill.teacher_checkpoint, flag="teacher_checkpoint")
         strategy = strategy or build_strategy(config.runtime)
@@ -73,7 +72,7 @@ class Experiment:
             source = data_lib.get_source(
                 config.data.dataset, config.data.data_dir, skip_bad_images=config.data.skip_bad_images
             )
-        subset = labeled_subset(config) if train_mode in LABELED_MODES else None
+        subset = labeled_subset(config) if method_class.epochs_over_labeled_subset else None
         with _as_flag_error("train_split"):
             num_train = source.num_examples(config.data.train_split, labeled_subset=subset)
         with _as_flag_error("eval_split"):
@@ -91,8 +90,9 @@ class Experiment:
                     f"--{flag}={getattr(config.train, flag)} is not divisible by the "
                     f"{replicas} replicas; pick a multiple of {replicas}."
                 )
-        train_steps = config_lib.train_steps_for(config, num_train)
-        warmup_steps = config_lib.warmup_steps_for(config, num_train)
+        per_step = method_class.examples_per_step(config)
+        train_steps = config_lib.train_steps_for(config, num_train, per_step)
+        warmup_steps = config_lib.warmup_steps_for(config, num_train, per_step)
         if warmup_steps > train_steps:
             logging.warning(
                 "--warmup_epochs=%s gives %d warm-up steps, more than the %d train steps; "
@@ -109,7 +109,7 @@ class Experiment:
             num_eval_examples=num_eval,
             train_steps=train_steps,
             warmup_steps=warmup_steps,
-            checkpoint_steps=config_lib.checkpoint_steps_for(config, num_train),
+            checkpoint_steps=config_lib.checkpoint_steps_for(config, num_train, per_step),
         )
         logging.info(
             "%s on %s: %d train examples (%s%s), %d eval examples (%s), %d classes; "
@@ -137,55 +137,37 @@ class Experiment:
     def pretraining(self) -> bool:
         return self.train_mode == "pretrain"
 
-    def has_supervised_head(self) -> bool:
-        return not self.pretraining or self.config.train.lineareval_while_pretraining
-
     def build_model(self) -> keras.Model:
         """The trained model for this mode, built; call under the strategy scope."""
-        return self._build(
+        return self.method.build_model()
+
+    def build_classifier(self) -> keras.Model:
+        """The fine-tuning model: projection layers up to --ft_proj_selector and the classifier."""
+        return self.build(
             self.config.model,
-            num_classes=self.source.num_classes if self.has_supervised_head() else None,
+            num_classes=self.source.num_classes,
+            stop_gradient_to_supervised_head=False,
+            # Fine-tuned models keep the projection layers below the classifier only.
+            drop_unused_projection_layers=True,
         )
 
-    def build_teacher(self) -> keras.Model:
-        """The distillation teacher, restored in full and frozen; call under the strategy scope."""
-        distill = self.config.distill
-        path = checkpoints.resolve_checkpoint_path(distill.teacher_checkpoint, flag="teacher_checkpoint")
-        teacher = self._build(teacher_model_config(self.config), num_classes=self.source.num_classes)
-        # Every teacher variable must come from the checkpoint; projection layers above
-        # the selected one that it also holds (a converted original model) go unused.
-        checkpoints.restore_model_weights(
-            teacher, path, exact=False, required_prefixes=(f"{checkpoints.MODEL_ROOT}/",)
-        )
-        teacher.trainable = False
-        logging.info("Teacher restored from %s", path)
-        return teacher
-
-    def _build(self, model_config: ModelConfig, num_classes: int | None) -> keras.Model:
+    def build(
+        self,
+        model_config: ModelConfig,
+        *,
+        num_classes: int | None,
+        stop_gradient_to_supervised_head: bool,
+        drop_unused_projection_layers: bool,
+    ) -> keras.Model:
+        """A model of this run's strategy and precision; call under the strategy scope."""
         return models.build_model(
             model_config,
             num_classes=num_classes,
-            # Linear eval while pretraining must not shape the representation.
-            stop_gradient_to_supervised_head=self.pretraining,
-            # Fine-tuned models keep the projection layers below the classifier only.
-            drop_unused_projection_layers=not self.pretraining,
+            stop_gradient_to_supervised_head=stop_gradient_to_supervised_head,
+            drop_unused_projection_layers=drop_unused_projection_layers,
             # Synchronising a single replica's statistics only costs time.
             global_bn=model_config.global_bn and self.strategy.num_replicas_in_sync > 1,
             dtype=self.config.runtime.precision,
-        )
-
-    def loss_fn(self) -> steps_lib.LossFn:
-        train = self.config.train
-        if self.pretraining:
-            return steps_lib.PretrainLoss(temperature=train.temperature, hidden_norm=train.hidden_norm)
-        if self.train_mode in LABELED_MODES:
-            return steps_lib.FinetuneLoss()
-        with self.strategy.scope():
-            teacher = self.build_teacher()
-        return steps_lib.DistillLoss(
-            teacher=teacher,
-            temperature=self.config.distill.distill_temperature,
-            label_weight=self.config.distill.distill_label_weight,
         )
 
     def train_dataset(self, start_step: int = 0) -> tf.distribute.DistributedDataset:
@@ -194,9 +176,7 @@ class Experiment:
 
         def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
             batch_size = context.get_per_replica_batch_size(global_batch)
-            # Every input pipeline delivered an equal share of each global batch.
-            start_example = start_step * global_batch // context.num_input_pipelines
-            return self.replica_train_dataset(batch_size, context, start_example=start_example)
+            return self.replica_train_dataset(batch_size, context, start_step=start_step)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -204,32 +184,18 @@ class Experiment:
         self,
         batch_size: int,
         context: tf.distribute.InputContext | None = None,
-        start_example: int = 0,
+        start_step: int = 0,
         cache: bool | None = None,
     ) -> tf.data.Dataset:
-        """One replica's training batches, as the step function of this mode expects them.
+        """One replica's training batches, as this mode's step expects them.
 
-        `cache` overrides `--cache_dataset` (None keeps it).
+        `batch_size` is this replica's share of --train_batch_size; `cache` overrides
+        `--cache_dataset` (None keeps it).
         """
-        cfg = self.config
-        common = dict(start_example=start_example, cache=cfg.data.cache_dataset if cache is None else cache)
-        if self.pretraining:
-            return self._training_batches(
-                batch_size, context, num_views=2,
-                color_jitter_strength=cfg.data.color_jitter_strength, use_blur=cfg.data.use_blur, **common,
-            )
-        # Fine-tuning and distillation augment with crop and flip only, as the paper.
-        if self.train_mode in LABELED_MODES:
-            return self._training_batches(batch_size, context, subset=labeled_subset(cfg), **common)
-        unlabeled = self._training_batches(batch_size, context, **common)
-        if cfg.distill.distill_label_weight <= 0:
-            return unlabeled
-        labeled = self._training_batches(batch_size, context, subset=labeled_subset(cfg), **common)
-        return tf.data.Dataset.zip(unlabeled, labeled).map(
-            lambda u, l: {**u, "labeled_image": l["image"], "labeled_label": l["label"]}
-        )
+        cache = self.config.data.cache_dataset if cache is None else cache
+        return self.method.train_batches(batch_size, context, start_step=start_step, cache=cache)
 
-    def _training_batches(
+    def training_batches(
         self,
         batch_size: int,
         context: tf.distribute.InputContext | None,
@@ -237,10 +203,16 @@ class Experiment:
         num_views: int = 1,
         color_jitter_strength: float = 0.0,
         use_blur: bool = False,
+        view_fns: tuple | None = None,
         subset: data_lib.LabeledSubset | None = None,
         start_example: int = 0,
         cache: bool,
     ) -> tf.data.Dataset:
+        """Batches of the train split (or its labeled `subset`) for one input pipeline.
+
+        Crop and flip only unless told otherwise (fine-tuning and distillation augment so,
+        as the paper); `view_fns` replace SimCLR's augmentation (see `data.build_dataset`).
+        """
         cfg = self.config
         return data_lib.build_dataset(
             self.source,
@@ -253,6 +225,7 @@ class Experiment:
             use_blur=use_blur,
             use_flip=cfg.data.use_flip,
             crop_min_area=cfg.data.crop_min_area,
+            view_fns=view_fns,
             cache=cache,
             input_context=context,
             shuffle_seed=cfg.train.seed,
@@ -286,11 +259,7 @@ class Experiment:
     def augmented_examples(self, count: int = 4) -> tf.Tensor:
         """A few training inputs as the model sees them, views side by side: (count*views, H, W, 3)."""
         # Without the cache: a cached epoch starts only once the whole split is decoded.
-        images = next(iter(self.replica_train_dataset(count, cache=False)))["image"]  # view-major
-        views = images.shape[0] // count
-        # Interleave so each example's views are neighbours: (count, views, H, W, 3).
-        images = tf.reshape(images, [views, count, *images.shape[1:]])
-        return tf.reshape(tf.transpose(images, [1, 0, 2, 3, 4]), [-1, *images.shape[2:]])
+        return self.method.preview_images(next(iter(self.replica_train_dataset(count, cache=False))), count)
 
 
 def labeled_subset(config: Config) -> data_lib.LabeledSubset:

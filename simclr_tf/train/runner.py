@@ -54,7 +54,8 @@ def _train_and_evaluate(
         return evaluate_continuously(experiment)
     state = trainer.train(experiment)
     if mode == "train_then_eval":
-        return evaluation.evaluate(experiment, state.model, int(state.optimizer.iterations.numpy()))
+        model = state.method.eval_model(state.model)  # e.g. the weight average (--eval_with_ema)
+        return evaluation.evaluate(experiment, model, int(state.optimizer.iterations.numpy()))
     return None
 
 
@@ -72,7 +73,7 @@ def evaluate_continuously(experiment: Experiment, timeout_secs: float | None = N
     ):
         path = checkpoints.readable_checkpoint_at_or_before(experiment.model_dir, latest)
         if path != evaluated:
-            step = restore_model_for_eval(model, path)
+            step = restore_model_for_eval(model, path, experiment.method.eval_checkpoint_root())
             result = evaluation.evaluate(experiment, model, step)
             evaluated = path
         # Judged by the newest checkpoint, readable or not: a finished run saves no more.
@@ -97,9 +98,12 @@ def evaluate_checkpoint(experiment: Experiment, checkpoint: str) -> dict:
     return evaluation.evaluate(experiment, model, int(match.group(1)) if match else 0)
 
 
-def restore_model_for_eval(model: keras.Model, path: str) -> int:
-    """Restores the model's weights (all of them, or fails) and returns the checkpoint's step."""
-    checkpoints.restore_model_weights(model, path, exact=True)
+def restore_model_for_eval(model: keras.Model, path: str, checkpoint_root: str = checkpoints.MODEL_ROOT) -> int:
+    """Restores the model's weights (all of them, or fails) and returns the checkpoint's step.
+
+    `checkpoint_root`: which model of the checkpoint, e.g. the weight average a method keeps.
+    """
+    checkpoints.restore_model_weights(model, path, exact=True, checkpoint_root=checkpoint_root)
     return checkpoint_step(path)
 
 

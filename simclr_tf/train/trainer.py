@@ -15,6 +15,7 @@ from simclr_tf import distribute
 from simclr_tf import export
 from simclr_tf import losses
 from simclr_tf import optim
+from simclr_tf.methods.base import Method
 from simclr_tf.train import checkpoints
 from simclr_tf.train import preemption
 from simclr_tf.train import steps as steps_lib
@@ -30,16 +31,20 @@ class NonFiniteLossError(FloatingPointError):
 class TrainState:
     model: tf.Module
     optimizer: tf.Module
-    loss_fn: steps_lib.LossFn  # holds the frozen teacher when distilling
+    method: Method  # the train mode: its loss and its own state (teacher, EMA, heads)
     manager: tf.train.CheckpointManager
     restore_report: checkpoints.RestoreReport
 
+    def trainable_variables(self) -> list:
+        return self.model.trainable_variables + self.method.extra_trainable_variables()
+
 
 def build_train_state(experiment: Experiment) -> TrainState:
-    """Model, optimizer, loss and checkpoint manager, restored by `checkpoints.restore` priority."""
+    """Model, optimizer, method state and checkpoint manager, restored by `checkpoints.restore` priority."""
     cfg = experiment.config
+    method = experiment.method
     with experiment.strategy.scope():
-        model = experiment.build_model()
+        model = method.build_model()
         schedule = optim.WarmUpAndCosineDecay(
             base_learning_rate=cfg.optim.learning_rate,
             train_batch_size=cfg.train.train_batch_size,
@@ -56,10 +61,13 @@ def build_train_state(experiment: Experiment) -> TrainState:
         if cfg.runtime.precision == "mixed_float16":
             # float16 gradients underflow without loss scaling; `train_step` scales the loss.
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        method.setup(model, optimizer)
         # Slots must exist before restoring, so the restore can be checked in full.
-        optimizer.build(model.trainable_variables)
-    # Only the trained model and its optimizer are checkpointed, never a teacher.
-    manager = checkpoints.make_manager(model, optimizer, experiment.model_dir, cfg.train.keep_checkpoint_max)
+        optimizer.build(model.trainable_variables + method.extra_trainable_variables())
+    # The trained model, its optimizer and the method's own state (never a frozen teacher).
+    manager = checkpoints.make_manager(
+        model, optimizer, experiment.model_dir, cfg.train.keep_checkpoint_max, extra=method.checkpoint_items()
+    )
     report = checkpoints.restore(
         manager,
         init_checkpoint=cfg.train.checkpoint,
@@ -67,7 +75,8 @@ def build_train_state(experiment: Experiment) -> TrainState:
         # Only the process that writes model_dir's checkpoints moves damaged ones aside.
         set_aside=distribute.is_chief(experiment.strategy),
     )
-    return TrainState(model, optimizer, experiment.loss_fn(), manager, report)
+    method.after_restore(model, report)
+    return TrainState(model, optimizer, method, manager, report)
 
 
 def train(experiment: Experiment, state: TrainState | None = None) -> TrainState:
@@ -130,7 +139,9 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
     writer.close()
     logging.info("Training complete at step %d", step)
     if distribute.is_chief(strategy):  # <model_dir>/saved_model/<step>/, as the original
-        export.export_step(model, experiment.model_dir, step, keep_max=cfg.train.keep_hub_module_max)
+        export.export_step(
+            state.method.eval_model(model), experiment.model_dir, step, keep_max=cfg.train.keep_hub_module_max
+        )
     return state
 
 
@@ -144,6 +155,7 @@ def log_and_summarize(
 ) -> None:
     """Logs and summarises the metrics since the last call; raises if one is not finite."""
     values = metrics.results()
+    vectors = metrics.vector_results()
     metrics.reset()
     bad = first_non_finite(values)
     if bad is not None:
@@ -168,8 +180,18 @@ def log_and_summarize(
     with writer.as_default():
         for name, value in values.items():
             tf.summary.scalar(name, value, step=step)
+        for name, value in vectors.items():
+            # A distribution over indices (e.g. the classes of the pseudo-labels): one
+            # bucket per index in TensorBoard's histogram and distribution tabs.
+            tf.summary.histogram(name, index_samples(value), step=step, buckets=len(value))
         tf.summary.scalar("learning_rate", learning_rate, step=step)
         tf.summary.scalar("train/images_per_second", speed.images_per_second, step=step)
+
+
+def index_samples(fractions, samples: int = 10_000) -> tf.Tensor:
+    """Index i repeated in proportion to fractions[i], for a histogram of that distribution."""
+    counts = tf.cast(tf.round(tf.convert_to_tensor(fractions, tf.float32) * samples), tf.int32)
+    return tf.repeat(tf.range(len(fractions), dtype=tf.float32), tf.maximum(counts, 0))
 
 
 def preempted_message(step: int, path: str | None, signalled_here: bool) -> str:
@@ -185,8 +207,13 @@ def make_training_loop(experiment: Experiment, state: TrainState) -> tuple[MeanM
     else -1 (that step's update was skipped, on every replica).
     """
     strategy, optimizer = experiment.strategy, state.optimizer
+    method = state.method
     with strategy.scope():
-        metrics = MeanMetrics(state.loss_fn.metric_names(state.model), prefix="train")
+        metrics = MeanMetrics(
+            method.metric_names(state.model) + steps_lib.STEP_METRICS,
+            prefix="train",
+            vector_sizes=method.vector_metric_sizes(),
+        )
     step_fn = make_train_step(experiment, state)
 
     def replica_step(batch):
@@ -204,6 +231,7 @@ def make_training_loop(experiment: Experiment, state: TrainState) -> tuple[MeanM
             if not strategy.experimental_local_results(finite)[0]:
                 bad_step = optimizer.iterations + 1
                 break
+            method.after_update(state.model)
         return bad_step
 
     return metrics, run_steps
@@ -212,8 +240,9 @@ def make_training_loop(experiment: Experiment, state: TrainState) -> tuple[MeanM
 def make_train_step(experiment: Experiment, state: TrainState) -> Callable[[steps_lib.Batch], steps_lib.Metrics]:
     """This run's per-replica `steps.train_step`, XLA-compiled with --jit_compile."""
     cfg = experiment.config
+    extra_variables = state.method.extra_trainable_variables()
     decayed_variables = losses.variables_with_loss_weight_decay(
-        state.model.trainable_variables, cfg.optim.optimizer
+        state.trainable_variables(), cfg.optim.optimizer
     )
 
     # A closure, not functools.partial: tf.function would trace a partial's bound
@@ -223,10 +252,11 @@ def make_train_step(experiment: Experiment, state: TrainState) -> Callable[[step
             batch,
             model=state.model,
             optimizer=state.optimizer,
-            loss_fn=state.loss_fn,
+            loss_fn=state.method,
             decayed_variables=decayed_variables,
             weight_decay=cfg.optim.weight_decay,
             num_replicas=experiment.strategy.num_replicas_in_sync,
+            extra_variables=extra_variables,
         )
 
     if cfg.runtime.jit_compile:

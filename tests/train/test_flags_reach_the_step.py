@@ -88,7 +88,7 @@ def _one_step(config: Config, model_dir, batch: dict[str, np.ndarray], forward, 
         prepare(model)
     batch = {k: tf.constant(v) for k, v in batch.items()}
     with tf.GradientTape() as tape:
-        loss, _ = state.loss_fn(model, batch)
+        loss, _ = state.method(model, batch)
     variables = model.trainable_variables
     grads = {id(v): g.numpy() for v, g in zip(variables, tape.gradient(loss, variables)) if g is not None}
     outputs = {k: v.numpy() for k, v in forward(model, batch).items()}
@@ -200,7 +200,7 @@ def test_distill_label_weight_and_temperature_reach_the_loss(label_weight, teach
 
     step = _one_step(config, tmp_path, batch, _distill_forward, prepare=sharpen)
     student = step.outputs["logits_sup"]  # one pass over both parts, as the step does
-    teacher = step.state.loss_fn.teacher(batch["image"], training=False)["logits_sup"].numpy()
+    teacher = step.state.method.teacher(batch["image"], training=False)["logits_sup"].numpy()
     teacher_prob = np.exp(_log_softmax(teacher / temperature))
     distill = float(-(teacher_prob * _log_softmax(student[:BATCH] / temperature)).sum(axis=1).mean())
     labeled = _cross_entropy(student[BATCH:], labels)

@@ -202,7 +202,7 @@ def distill_config(teacher, **overrides) -> Config:
 def test_distillation_never_changes_the_teacher(tmp_path, teacher_dir):
     experiment = Experiment.create(distill_config(teacher_dir), str(tmp_path))
     state = trainer.build_train_state(experiment)
-    teacher = state.loss_fn.teacher
+    teacher = state.method.teacher
     assert not teacher.trainable_weights
     teacher_before = [v.numpy().copy() for v in teacher.weights]
     stored = tf.train.load_checkpoint(str(teacher_dir))
@@ -231,9 +231,9 @@ def test_big_to_small_distillation_with_labels(tmp_path):
     )
     experiment = Experiment.create(config, str(tmp_path / "student"))
     state = trainer.build_train_state(experiment)
-    assert state.loss_fn.teacher.backbone.width_multiplier == 0.5
+    assert state.method.teacher.backbone.width_multiplier == 0.5
     assert state.model.backbone.width_multiplier == 0.25
-    assert "supervised_acc" in state.loss_fn.metric_names(state.model)
+    assert "supervised_acc" in state.method.metric_names(state.model)
     trainer.train(experiment, state)
     assert tf.train.latest_checkpoint(str(tmp_path / "student")).endswith("ckpt-2")
 
