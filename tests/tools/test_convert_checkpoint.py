@@ -304,7 +304,7 @@ def test_eval_and_distill_accept_a_converted_checkpoint(tmp_path, converted_dir)
     # layers the teacher does not use (ft_proj_selector=0), which is fine.
     config = _run_config("distill", mode="train").replace(distill={"teacher_checkpoint": str(ours)})
     state = trainer.build_train_state(Experiment.create(config, str(tmp_path / "distill")))
-    teacher = state.loss_fn.teacher
+    teacher = state.method.teacher
     for ours_weight, original_weight in zip(teacher.backbone.weights, original.backbone.weights):
         np.testing.assert_array_equal(ours_weight.numpy(), original_weight.numpy())
 
