@@ -1,0 +1,1 @@
+"""Semi-supervised train modes: one module per method (loss, batches, extra state)."""
