@@ -81,8 +81,8 @@ def worst_case_estimation_loss(
     true labels; tllib/self_training/dst.py:139-143); argmax passes no gradient, so
     this term reaches the main head's parameters only through the shared features.
     """
-    pred_l = tf.argmax(tf.stop_gradient(labeled_logits), axis=-1, output_type=tf.int32)
-    pred_u = tf.argmax(tf.stop_gradient(weak_logits), axis=-1, output_type=tf.int32)
+    pred_l = tf.argmax(tf.cast(labeled_logits, tf.float32), axis=-1, output_type=tf.int32)
+    pred_u = tf.argmax(tf.cast(weak_logits, tf.float32), axis=-1, output_type=tf.int32)
     worst_labeled_logits = tf.cast(worst_labeled_logits, tf.float32)
     loss_l = tf.reduce_mean(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels=pred_l, logits=worst_labeled_logits)

@@ -67,7 +67,7 @@ def mean_teacher_loss(
     metrics["unlabeled_loss"] = consistency
     metrics["consistency_weight"] = ramped_weight
     if unlabeled_labels is not None:
-        teacher_pred = tf.argmax(tf.stop_gradient(teacher_logits), axis=-1, output_type=tf.int32)
+        teacher_pred = tf.argmax(tf.cast(teacher_logits, tf.float32), axis=-1, output_type=tf.int32)
         hits = tf.equal(teacher_pred, tf.cast(unlabeled_labels, tf.int32))
         metrics["teacher_acc"] = tf.reduce_mean(tf.cast(hits, tf.float32))
     return sup_loss + ramped_weight * consistency, metrics

@@ -73,9 +73,10 @@ def s4l_rotation_loss(
     sup_loss, metrics = losses.supervised_loss(labels=labels, logits=labeled_logits)
     rotation_logits = tf.cast(rotation_logits, tf.float32)
     rotation_labels = tf.cast(rotation_labels, tf.int32)
-    rotation_loss = tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=rotation_labels, logits=rotation_logits)
+    per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=rotation_labels, logits=rotation_logits
     )
+    rotation_loss = tf.reduce_mean(per_row)
     hits = tf.equal(tf.argmax(rotation_logits, axis=-1, output_type=tf.int32), rotation_labels)
     metrics["rotation_loss"] = rotation_loss
     metrics["rotation_acc"] = tf.reduce_mean(tf.cast(hits, tf.float32))

@@ -91,6 +91,8 @@ def uda_loss(
         raise ValueError(f"uda_loss: temperature must be > 0, got {temperature}")
     labeled_logits = tf.cast(labeled_logits, tf.float32)
     num_classes = labeled_logits.shape[-1]
+    if num_classes is None:
+        raise ValueError("uda_loss: labeled_logits need a static class dimension (TSA starts at 1/C)")
     labels = tf.convert_to_tensor(labels)
     if labels.shape.rank == labeled_logits.shape.rank:
         one_hot = tf.cast(labels, tf.float32)
