@@ -1,0 +1,48 @@
+"""FixMatch (Sohn et al., NeurIPS 2020): confident weak-view pseudo-labels train the strong view.
+
+Reference: google-research/fixmatch fixmatch.py:107-131 (defaults: confidence 0.95,
+wu 1, uratio 7, fixmatch.py:165-171); USB semilearn/algorithms/fixmatch/fixmatch.py.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from simclr_tf import losses
+from simclr_tf.methods import common
+
+Metrics = dict[str, tf.Tensor]
+
+
+def fixmatch_loss(
+    *,
+    labeled_logits: tf.Tensor,
+    labels: tf.Tensor,
+    weak_logits: tf.Tensor,
+    strong_logits: tf.Tensor,
+    threshold: float = 0.95,
+    unlabeled_weight: float = 1.0,
+    unlabeled_labels: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, Metrics]:
+    """`CE(labeled) + unlabeled_weight * mean_u[mask * CE(argmax p_weak, strong)]`.
+
+    Args:
+      labeled_logits: (B, C) on the labeled images.
+      labels: (B,) class ids or (B, C) one-hot.
+      weak_logits: (U, C) on the weakly augmented unlabeled images; only the source of
+        the pseudo-labels, so no gradient flows into them.
+      strong_logits: (U, C) on the strongly augmented views of the same images.
+      threshold: keep a pseudo-label when max softmax(weak) >= threshold.
+      unlabeled_weight: lambda_u.
+      unlabeled_labels: (U,) true labels, only for the "pseudo_label_acc" metric.
+
+    Returns:
+      `(loss, metrics)`; the unlabeled term is averaged over all U rows, masked ones
+      included (fixmatch.py:118). "unlabeled_loss" is logged before the weight.
+    """
+    sup_loss, metrics = losses.supervised_loss(labels=labels, logits=labeled_logits)
+    targets, mask, _ = common.pseudo_labels(weak_logits, threshold=threshold)
+    unsup_loss = common.masked_cross_entropy(logits=strong_logits, targets=targets, mask=mask)
+    metrics["unlabeled_loss"] = unsup_loss
+    metrics.update(common.pseudo_label_metrics(targets, mask, unlabeled_labels))
+    return sup_loss + unlabeled_weight * unsup_loss, metrics
