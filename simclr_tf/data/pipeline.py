@@ -187,7 +187,8 @@ def build_dataset(
             base_seed = (shuffle_seed or 0) * _PIPELINE_SEED_STRIDE + pipeline
             ds = ds.enumerate(start_example)
 
-            def make_views(position: tf.Tensor, image: tf.Tensor, label: tf.Tensor):
+            def make_views(position: tf.Tensor, example: tuple[tf.Tensor, tf.Tensor]):
+                image, label = example
                 views = tuple(
                     fn(image, tf.stack([tf.constant(base_seed, tf.int64), position * num_views + v]))
                     for v, fn in enumerate(view_fns)

@@ -18,10 +18,13 @@ Their multi-view and CLD-loss options are left out.
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from simclr_tf import losses
+from simclr_tf.methods import base
 from simclr_tf.methods import common
+from simclr_tf.methods import semi
 
 Metrics = dict[str, tf.Tensor]
 
@@ -92,3 +95,52 @@ def debiasmatch_loss(
     metrics["unlabeled_loss"] = unsup_loss
     metrics.update(common.pseudo_label_metrics(targets, mask, unlabeled_labels))
     return sup_loss + unlabeled_weight * unsup_loss, metrics, new_running_mean
+
+
+class DebiasMatch(semi.SemiSupervised):
+    """`--train_mode=debiasmatch`: FixMatch with debiased pseudo-labels and an adaptive margin."""
+
+    name = "debiasmatch"
+    unlabeled_views = ("weak", "strong")
+    default_unlabeled_loss_weight = 10.0  # DebiasPL's lambda_u, as `debiasmatch_loss`
+
+    def setup(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+        super().setup(model, optimizer)
+        self.state = tf.Module(name="debiasmatch")
+        # All replicas compute the same new value (the batch mean is all-reduced first).
+        self.state.running_mean = tf.Variable(
+            initial_running_mean(self.experiment.source.num_classes),
+            trainable=False,
+            name="running_mean",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+
+    def checkpoint_items(self) -> dict:
+        return {**super().checkpoint_items(), "debiasmatch": self.state}
+
+    def metric_names(self, model: keras.Model) -> tuple[str, ...]:
+        return base.SUPERVISED_METRICS + semi.PSEUDO_LABEL_METRICS
+
+    def __call__(self, model: keras.Model, batch: base.Batch) -> tuple[tf.Tensor, base.Metrics]:
+        weak, strong = self.split_unlabeled(batch)
+        labeled_logits, weak_logits, strong_logits = self.logits_of(model, batch["image"], weak, strong)
+        running_mean = self.state.running_mean
+        strength = self.semi.debias_strength
+        loss, metrics, new_mean = debiasmatch_loss(
+            labeled_logits=labeled_logits,
+            labels=batch["label"],
+            weak_logits=weak_logits,
+            strong_logits=strong_logits,
+            running_mean=tf.convert_to_tensor(running_mean),
+            momentum=self.semi.debias_momentum,
+            debias_strength=strength,
+            margin_strength=strength,
+            threshold=self.semi.pseudo_label_threshold,
+            unlabeled_weight=self.unlabeled_loss_weight,
+            unlabeled_labels=batch["unlabeled_label"],
+            replica_context=base.replica_context_if_distributed(),
+        )
+        debiased = tf.cast(weak_logits, tf.float32) - strength * tf.math.log(tf.convert_to_tensor(running_mean))
+        metrics = self.with_class_fractions(metrics, debiased)
+        running_mean.assign(new_mean)
+        return loss, metrics

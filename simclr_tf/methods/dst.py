@@ -21,10 +21,14 @@ with 0.1 * CE on strongly augmented labeled images; left out here.
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from simclr_tf import losses
+from simclr_tf.methods import base
 from simclr_tf.methods import common
+from simclr_tf.methods import semi
+from simclr_tf.models import heads
 
 Metrics = dict[str, tf.Tensor]
 
@@ -146,3 +150,59 @@ def dst_loss(
     metrics.update(common.pseudo_label_metrics(targets, mask, unlabeled_labels))
     loss = sup_loss + self_training_weight * self_training + worst_case_weight * worst_case
     return loss, metrics
+
+
+class Dst(semi.SemiSupervised):
+    """`--train_mode=dst`: a pseudo head learns the pseudo-labels; a worst-case head guards the features."""
+
+    name = "dst"
+    unlabeled_views = ("weak", "strong")
+
+    def setup(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+        super().setup(model, optimizer)
+        num_classes = self.experiment.source.num_classes
+        features = semi.classifier_input_dim(model)
+        self.heads = tf.Module(name="dst_heads")
+        self.heads.pseudo = heads.SupervisedHead(num_classes, name="head_supervised_pseudo")
+        self.heads.worst = heads.SupervisedHead(num_classes, name="head_supervised_worst_case")
+        for head in (self.heads.pseudo, self.heads.worst):
+            head.build((None, features))
+
+    def extra_trainable_variables(self) -> list:
+        return self.heads.pseudo.trainable_variables + self.heads.worst.trainable_variables
+
+    def checkpoint_items(self) -> dict:
+        return {**super().checkpoint_items(), "dst_heads": self.heads}
+
+    def metric_names(self, model: keras.Model) -> tuple[str, ...]:
+        return base.SUPERVISED_METRICS + semi.PSEUDO_LABEL_METRICS + ("worst_case_loss",)
+
+    def __call__(self, model: keras.Model, batch: base.Batch) -> tuple[tf.Tensor, base.Metrics]:
+        weak, strong = self.split_unlabeled(batch)
+        images = [batch["image"], weak, strong]
+        outputs = model(tf.concat(images, axis=0), training=True)
+        sizes = [tf.shape(i)[0] for i in images]
+        labeled_logits, weak_logits, _ = tf.split(outputs["logits_sup"], sizes, axis=0)
+        labeled_features, weak_features, strong_features = tf.split(outputs["supervised_head_input"], sizes, axis=0)
+        reversed_features = gradient_reversal(
+            tf.concat([labeled_features, weak_features], axis=0),
+            grl_coefficient(self.progress(), max_coefficient=self.semi.dst_grl_factor),
+        )
+        worst_labeled, worst_unlabeled = tf.split(
+            self.heads.worst(reversed_features, training=True), sizes[:2], axis=0
+        )
+        loss, metrics = dst_loss(
+            labeled_logits=labeled_logits,
+            labels=batch["label"],
+            weak_logits=weak_logits,
+            pseudo_strong_logits=self.heads.pseudo(strong_features, training=True),
+            worst_labeled_logits=worst_labeled,
+            worst_unlabeled_logits=worst_unlabeled,
+            threshold=self.semi.pseudo_label_threshold,
+            self_training_weight=self.unlabeled_loss_weight,
+            worst_case_weight=self.semi.dst_worst_case_weight,
+            eta_prime=self.semi.dst_eta_prime,
+            unlabeled_labels=batch["unlabeled_label"],
+        )
+        # DST's pseudo-label mask is strict (tllib pseudo_label.py), as `dst_loss`'s.
+        return loss, self.with_class_fractions(metrics, weak_logits, inclusive=False)

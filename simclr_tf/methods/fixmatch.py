@@ -6,10 +6,13 @@ wu 1, uratio 7, fixmatch.py:165-171); USB semilearn/algorithms/fixmatch/fixmatch
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from simclr_tf import losses
+from simclr_tf.methods import base
 from simclr_tf.methods import common
+from simclr_tf.methods import semi
 
 Metrics = dict[str, tf.Tensor]
 
@@ -46,3 +49,27 @@ def fixmatch_loss(
     metrics["unlabeled_loss"] = unsup_loss
     metrics.update(common.pseudo_label_metrics(targets, mask, unlabeled_labels))
     return sup_loss + unlabeled_weight * unsup_loss, metrics
+
+
+class FixMatch(semi.SemiSupervised):
+    """`--train_mode=fixmatch`: confident weak-view pseudo-labels train the strong view."""
+
+    name = "fixmatch"
+    unlabeled_views = ("weak", "strong")
+
+    def metric_names(self, model: keras.Model) -> tuple[str, ...]:
+        return base.SUPERVISED_METRICS + semi.PSEUDO_LABEL_METRICS
+
+    def __call__(self, model: keras.Model, batch: base.Batch) -> tuple[tf.Tensor, base.Metrics]:
+        weak, strong = self.split_unlabeled(batch)
+        labeled_logits, weak_logits, strong_logits = self.logits_of(model, batch["image"], weak, strong)
+        loss, metrics = fixmatch_loss(
+            labeled_logits=labeled_logits,
+            labels=batch["label"],
+            weak_logits=weak_logits,
+            strong_logits=strong_logits,
+            threshold=self.semi.pseudo_label_threshold,
+            unlabeled_weight=self.unlabeled_loss_weight,
+            unlabeled_labels=batch["unlabeled_label"],
+        )
+        return loss, self.with_class_fractions(metrics, weak_logits)

@@ -14,10 +14,13 @@ config/classic_cv/meanteacher/*.yaml): weight 50, ramp over 0.4 of training, EMA
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from simclr_tf import losses
+from simclr_tf.methods import base
 from simclr_tf.methods import common
+from simclr_tf.methods import semi
 
 Metrics = dict[str, tf.Tensor]
 
@@ -71,3 +74,35 @@ def mean_teacher_loss(
         hits = tf.equal(teacher_pred, tf.cast(unlabeled_labels, tf.int32))
         metrics["teacher_acc"] = tf.reduce_mean(tf.cast(hits, tf.float32))
     return sup_loss + ramped_weight * consistency, metrics
+
+
+class MeanTeacher(semi.SemiSupervised):
+    """`--train_mode=mean_teacher`: the weight average is the teacher of a consistency loss."""
+
+    name = "mean_teacher"
+    # Two independent weak views: the student sees one, the teacher the other.
+    unlabeled_views = ("weak", "weak")
+    default_unlabeled_loss_weight = 50.0  # USB meanteacher's ulb_loss_ratio, as `mean_teacher_loss`
+
+    def metric_names(self, model: keras.Model) -> tuple[str, ...]:
+        return base.SUPERVISED_METRICS + ("unlabeled_loss", "consistency_weight", "teacher_acc")
+
+    def vector_metric_sizes(self) -> dict[str, int]:
+        return {}  # no pseudo-labels
+
+    def __call__(self, model: keras.Model, batch: base.Batch) -> tuple[tf.Tensor, base.Metrics]:
+        student_view, teacher_view = self.split_unlabeled(batch)
+        labeled_logits, student_logits = self.logits_of(model, batch["image"], student_view)
+        # In training mode, as the reference code runs its teacher: batch norm normalises
+        # with the teacher's own batch statistics (and moves its statistics towards them).
+        teacher_logits = self.average.model(teacher_view, training=True)["logits_sup"]
+        return mean_teacher_loss(
+            labeled_logits=labeled_logits,
+            labels=batch["label"],
+            student_logits=student_logits,
+            teacher_logits=teacher_logits,
+            progress=self.progress(),
+            weight=self.unlabeled_loss_weight,
+            rampup_fraction=self.semi.consistency_rampup_fraction,
+            unlabeled_labels=batch["unlabeled_label"],
+        )

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from simclr_tf.methods.base import Method
+from simclr_tf.methods.debiasmatch import DebiasMatch
 from simclr_tf.methods.distill import Distill
+from simclr_tf.methods.dst import Dst
 from simclr_tf.methods.finetune import Finetune, Supervised
+from simclr_tf.methods.fixmatch import FixMatch
+from simclr_tf.methods.mean_teacher import MeanTeacher
 from simclr_tf.methods.pretrain import Pretrain
+from simclr_tf.methods.s4l import S4l
+from simclr_tf.methods.uda import Uda
 
 METHODS: dict[str, type[Method]] = {
-    method.name: method for method in (Pretrain, Finetune, Supervised, Distill)
+    method.name: method
+    for method in (Pretrain, Finetune, Supervised, Distill, FixMatch, Uda, MeanTeacher, DebiasMatch, Dst, S4l)
 }

@@ -10,9 +10,13 @@ labeled images with their class label repeated (:113-119), and
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from simclr_tf import losses
+from simclr_tf.methods import base
+from simclr_tf.methods import semi
+from simclr_tf.models import heads
 
 Metrics = dict[str, tf.Tensor]
 
@@ -81,3 +85,45 @@ def s4l_rotation_loss(
     metrics["rotation_loss"] = rotation_loss
     metrics["rotation_acc"] = tf.reduce_mean(tf.cast(hits, tf.float32))
     return sup_loss + rotation_weight * rotation_loss, metrics
+
+
+class S4l(semi.SemiSupervised):
+    """`--train_mode=s4l`: labels, plus predicting the rotation of every image (S4L-Rotation)."""
+
+    name = "s4l"
+    unlabeled_views = ("weak",)
+
+    def setup(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+        super().setup(model, optimizer)
+        self.rotation_head = heads.SupervisedHead(NUM_ROTATIONS, name="head_supervised_rotation")
+        self.rotation_head.build((None, semi.classifier_input_dim(model)))
+
+    def extra_trainable_variables(self) -> list:
+        return self.rotation_head.trainable_variables
+
+    def checkpoint_items(self) -> dict:
+        return {**super().checkpoint_items(), "rotation_head": self.rotation_head}
+
+    def metric_names(self, model: keras.Model) -> tuple[str, ...]:
+        return base.SUPERVISED_METRICS + ("rotation_loss", "rotation_acc")
+
+    def vector_metric_sizes(self) -> dict[str, int]:
+        return {}  # no pseudo-labels
+
+    def __call__(self, model: keras.Model, batch: base.Batch) -> tuple[tf.Tensor, base.Metrics]:
+        (unlabeled,) = self.split_unlabeled(batch)
+        # Every image in its four rotations, labeled ones first: as S4L, the classifier
+        # trains on all four rotations of the labeled images, the label repeated.
+        rotated_labeled, labeled_rotations = rotate_batch(batch["image"])
+        rotated_unlabeled, unlabeled_rotations = rotate_batch(unlabeled)
+        outputs = model(tf.concat([rotated_labeled, rotated_unlabeled], axis=0), training=True)
+        num_labeled = tf.shape(rotated_labeled)[0]
+        return s4l_rotation_loss(
+            labeled_logits=outputs["logits_sup"][:num_labeled],
+            labels=tf.tile(batch["label"], [NUM_ROTATIONS]),
+            # One mean over all rotated images (S4L averages the labeled and unlabeled
+            # means, the same when mu = 1, its recipe).
+            rotation_logits=self.rotation_head(outputs["supervised_head_input"], training=True),
+            rotation_labels=tf.concat([labeled_rotations, unlabeled_rotations], axis=0),
+            rotation_weight=self.semi.rotation_loss_weight,
+        )

@@ -11,9 +11,12 @@ pseudo-label hook with softmax=False, never applies the temperature; we follow U
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
+from simclr_tf.methods import base
 from simclr_tf.methods import common
+from simclr_tf.methods import semi
 
 Metrics = dict[str, tf.Tensor]
 
@@ -132,3 +135,30 @@ def uda_loss(
     metrics.update(common.pseudo_label_metrics(pseudo, mask, unlabeled_labels))
     return sup_loss + unlabeled_weight * unsup_loss, metrics
 
+
+class Uda(semi.SemiSupervised):
+    """`--train_mode=uda`: the strong view matches the sharpened, confident weak-view prediction."""
+
+    name = "uda"
+    unlabeled_views = ("weak", "strong")
+
+    def metric_names(self, model: keras.Model) -> tuple[str, ...]:
+        return base.SUPERVISED_METRICS + semi.PSEUDO_LABEL_METRICS + ("tsa_threshold", "tsa_trained_ratio")
+
+    def __call__(self, model: keras.Model, batch: base.Batch) -> tuple[tf.Tensor, base.Metrics]:
+        weak, strong = self.split_unlabeled(batch)
+        labeled_logits, weak_logits, strong_logits = self.logits_of(model, batch["image"], weak, strong)
+        loss, metrics = uda_loss(
+            labeled_logits=labeled_logits,
+            labels=batch["label"],
+            weak_logits=weak_logits,
+            strong_logits=strong_logits,
+            progress=self.progress(),
+            temperature=self.semi.uda_temperature,
+            confidence=self.semi.uda_confidence,
+            tsa=self.semi.tsa,
+            unlabeled_weight=self.unlabeled_loss_weight,
+            unlabeled_labels=batch["unlabeled_label"],
+        )
+        # UDA's confidence mask is strict (image/main.py), as `uda_loss`'s.
+        return loss, self.with_class_fractions(metrics, weak_logits, threshold=self.semi.uda_confidence, inclusive=False)
