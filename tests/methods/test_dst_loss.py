@@ -148,3 +148,20 @@ def test_each_head_learns_only_from_its_own_terms():
     np.testing.assert_allclose(
         worst["features"].numpy(), -coefficient * plain_worst_features.numpy(), rtol=1e-4, atol=1e-7
     )
+
+
+def test_gradient_reversal_inside_tf_function_with_a_progress_dependent_scale():
+    x = tf.Variable([[1.0, 2.0]])
+    progress = tf.Variable(0.5)
+
+    @tf.function
+    def reversed_gradient():
+        with tf.GradientTape() as tape:
+            y = dst.gradient_reversal(x, dst.grl_coefficient(progress))
+            total = tf.reduce_sum(y * [[3.0, 4.0]])
+        return tape.gradient(total, x)
+
+    scale = 2.0 * 0.1 / (1.0 + np.exp(-5.0)) - 0.1  # progress 0.5 = 5 warm-up lengths
+    np.testing.assert_allclose(reversed_gradient().numpy(), -scale * np.array([[3.0, 4.0]]), rtol=1e-5)
+    progress.assign(0.0)  # Scale 0: nothing flows back, without retracing.
+    np.testing.assert_allclose(reversed_gradient().numpy(), [[0.0, 0.0]], atol=1e-8)
