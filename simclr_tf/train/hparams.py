@@ -2,21 +2,21 @@
 
 Each model_dir holds one HParams "session": its config flattened to `<section>/<flag>`
 (`hparams_of`), in an event file of its own (`events.out.tfevents.*.hparams`). TensorBoard
-makes each session one row of its HParams table and the last value of every scalar in
-that model_dir (and its subdirectories, e.g. `eval_<eval_name>/`) its metric columns:
+makes each session one row of its HParams table, and the last value of every scalar in
+that model_dir (and its subdirectories, e.g. `eval_<eval_name>/`) a metric column:
 `eval/label_top_1_accuracy`, `eval/knn_top_1_accuracy`, `train/total_loss` (the final
 training loss), ...
 
-No experiment-level `hparams_config` is written, on purpose: TensorBoard takes the first
-one it finds in any run as the table's schema for all runs, so one run's metric set
+No experiment-level `hparams_config` is written, on purpose: TensorBoard (2.21) takes the
+first one it finds in any run as the schema of the whole table, so one run's metric set
 would hide another's columns, and a declared schema loses the "differs" marks by which
-TensorBoard shows first the flags that differ between the runs. Without it, the columns
-are the union over all runs.
+TensorBoard lists (and shows by default) the flags that differ between the runs. Without
+it, the columns are the union over all runs.
 
-TensorBoard keeps the first session it reads for a directory, so a model_dir must hold
-exactly one, and the right one: `write_session` writes it when there is none; a training
-run whose flags differ from the recorded ones (resumed with, say, more --train_steps)
-replaces it, and an eval run never does. Only the chief writes.
+TensorBoard silently keeps the first session it reads in a directory, so a model_dir must
+hold exactly one, and the right one: `write_session` writes it when there is none; a
+training run whose flags differ from the recorded ones (resumed with, say, more
+--train_steps) replaces it, and an eval run never does. Only the chief writes.
 """
 
 from __future__ import annotations
