@@ -134,12 +134,13 @@ WORKER = textwrap.dedent(
     import tensorflow as tf
     from absl import logging
     from simclr_tf.config import Config
-    from simclr_tf.train import trainer
+    from simclr_tf.train import hparams, trainer
     from simclr_tf.train.experiment import Experiment
 
     logging.set_verbosity(logging.INFO)  # the test reads the "Saved ..." lines
     config = Config.from_dict(json.loads(sys.argv[1]))
     experiment = Experiment.create(config, sys.argv[2])  # the strategy comes from TF_CONFIG
+    hparams.write_session(config, sys.argv[2], experiment.strategy)  # as the runner
     state = trainer.train(experiment)
     np.savez(sys.argv[3] + ".npz", *[v.numpy() for v in state.model.weights])
     with open(sys.argv[3] + ".json", "w") as f:
@@ -251,8 +252,11 @@ def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
         assert "Saved " in report["log"]
     for report in (first[1], second[1]):
         assert "Saved " not in report["log"]
-    events = [p.name for p in model_dir.glob("events.out.tfevents.*")]
+    events = [p.name for p in model_dir.glob("events.out.tfevents.*") if not p.name.endswith(".hparams")]
     assert len(events) == 2  # one per chief run
+    # and one HParams session, the second run's (its --train_steps differ)
+    (session,) = model_dir.glob("events.out.tfevents.*.hparams")
+    assert int(session.name.split(".")[-3]) == second[0]["pid"]
     chief_pids = {first[0]["pid"], second[0]["pid"]}
     assert {int(name.split(".")[-3]) for name in events} == chief_pids
     assert not [p for p in model_dir.iterdir() if p.is_dir()]

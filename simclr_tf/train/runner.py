@@ -13,6 +13,7 @@ from simclr_tf import distribute
 from simclr_tf.config import Config
 from simclr_tf.train import checkpoints
 from simclr_tf.train import evaluation
+from simclr_tf.train import hparams
 from simclr_tf.train import model_dir_lock
 from simclr_tf.train import trainer
 from simclr_tf.train.experiment import Experiment, save_config
@@ -47,6 +48,7 @@ def _train_and_evaluate(
 ) -> dict[str, float] | None:
     experiment = Experiment.create(config, model_dir, strategy)
     save_config(config, model_dir)
+    hparams.write_session(config, model_dir, experiment.strategy)  # TensorBoard's HParams tab
     mode = config.train.mode
     if mode == "eval" and config.train.checkpoint and not tf.train.latest_checkpoint(model_dir):
         return evaluate_checkpoint(experiment, config.train.checkpoint)
