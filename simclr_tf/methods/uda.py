@@ -14,13 +14,13 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from simclr_tf.config import TSA_SCHEDULES
 from simclr_tf.methods import base
 from simclr_tf.methods import common
 from simclr_tf.methods import semi
 
 Metrics = dict[str, tf.Tensor]
 
-TSA_SCHEDULES = ("none", "linear", "log", "exp")
 
 
 def tsa_threshold(progress: tf.Tensor | float, *, schedule: str, num_classes: int) -> tf.Tensor:

@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf import models
-from simclr_tf.config import Config
-from simclr_tf.train import trainer
+from simclr_tf.config import SEMI_SUPERVISED_MODES, Config
+from simclr_tf.train import checkpoints, trainer
 from simclr_tf.train.experiment import Experiment
 
 GLOBAL_BATCH = 8
@@ -41,6 +41,9 @@ def tiny_config(train_mode: str, checkpoint: str | None, global_bn: bool = True)
                "train_batch_size": GLOBAL_BATCH, "checkpoint": checkpoint},
         distill={"teacher_checkpoint": checkpoint if train_mode == "distill" else None,
                  "distill_temperature": 2.0, "distill_label_weight": 0.5},
+        # A low threshold keeps pseudo-labels of an untrained model; decay 0.5 moves the average far.
+        semi={"unlabeled_batch_ratio": 2, "pseudo_label_threshold": 0.1, "ema_decay": 0.5,
+              "uda_confidence": 0.1},
     )
 
 
@@ -85,25 +88,40 @@ def replica_slices(batch: dict[str, np.ndarray], replicas: int) -> list[dict[str
 
 
 def local_values(strategy: tf.distribute.Strategy, variable) -> list[np.ndarray]:
-    return [np.asarray(t) for t in strategy.experimental_local_results(variable.value)]
+    # A Keras variable's `value` is its tf.Variable; a tf.Variable's is a method.
+    value = variable if callable(variable.value) else variable.value
+    return [np.asarray(t) for t in strategy.experimental_local_results(value)]
 
 
 def one_step(config: Config, model_dir, strategy, batch, weights=None):
     """Builds the run's state, sets `weights`, runs one step on `batch`.
 
-    Returns the state, all weights as they were before the step, and each replica's loss.
+    `weights`: (the model's weights, the values of the method's extra trained variables).
+    Returns the state, both as they were before the step, and each replica's loss.
     """
     experiment = Experiment.create(config, str(model_dir), strategy)
     state = trainer.build_train_state(experiment)
+    extra = state.method.extra_trainable_variables()  # e.g. DST's heads, randomly initialised
     if weights is not None:
-        state.model.set_weights(weights)
-    initial = state.model.get_weights()
+        state.model.set_weights(weights[0])
+        for variable, value in zip(extra, weights[1]):
+            variable.assign(value)
+        average = getattr(state.method, "average", None)
+        if average is not None:  # the average starts at the weights, as in a fresh run
+            average.copy_from(state.model)
+    initial = (state.model.get_weights(), [v.numpy() for v in extra])
     step_fn = trainer.make_train_step(experiment, state)
     parts = replica_slices(batch, strategy.num_replicas_in_sync)
     inputs = strategy.experimental_distribute_values_from_function(
         lambda context: {k: tf.constant(v) for k, v in parts[context.replica_id_in_sync_group].items()}
     )
-    metrics = tf.function(lambda b: strategy.run(step_fn, args=(b,)))(inputs)
+    @tf.function
+    def step(batch):
+        metrics = strategy.run(step_fn, args=(batch,))
+        state.method.after_update(state.model)  # e.g. the weight average, cross-replica
+        return metrics
+
+    metrics = step(inputs)
     losses = [float(t) for t in strategy.experimental_local_results(metrics["total_loss"])]
     return state, initial, losses
 
@@ -115,7 +133,7 @@ def max_difference(single, distributed, strategy) -> dict[str, float]:
     for s, d in zip(single, distributed):
         expected = s.numpy()
         scale = max(float(np.abs(expected).max()), 1e-3)
-        out[d.path] = max(float(np.abs(local - expected).max()) / scale for local in local_values(strategy, d))
+        out[getattr(d, "path", d.name)] = max(float(np.abs(local - expected).max()) / scale for local in local_values(strategy, d))
     return out
 
 
@@ -125,7 +143,7 @@ def assert_same_variables(single, distributed, strategy, what: str, tolerance: f
     assert not bad, f"{what} differ: {bad}"
 
 
-@pytest.mark.parametrize("train_mode", ["pretrain", "finetune", "distill"])
+@pytest.mark.parametrize("train_mode", ["pretrain", "finetune", "distill", *SEMI_SUPERVISED_MODES])
 def test_two_replicas_match_one_replica(train_mode, tmp_path, two_cpu_strategy, classifier_checkpoint):
     config = tiny_config(train_mode, classifier_checkpoint if train_mode != "pretrain" else None)
     default = tf.distribute.get_strategy()
@@ -140,7 +158,7 @@ def test_two_replicas_match_one_replica(train_mode, tmp_path, two_cpu_strategy, 
     # The loss of the global batch is the mean of the replicas' losses.
     np.testing.assert_allclose(np.mean(dist_losses), single_loss, rtol=1e-5)
     # Big updates, so matching them below is not trivially true.
-    before = dict(zip((id(v) for v in single.model.weights), initial))
+    before = dict(zip((id(v) for v in single.model.weights), initial[0]))
     moved = [np.abs(v.numpy() - before[id(v)]).max() for v in single.model.trainable_variables]
     assert np.median(moved) > 1e-4 and max(moved) > 1e-2
     assert_same_variables(single.model.trainable_variables, dist.model.trainable_variables,
@@ -152,6 +170,19 @@ def test_two_replicas_match_one_replica(train_mode, tmp_path, two_cpu_strategy, 
     assert_same_variables(single.optimizer.variables, dist.optimizer.variables, two_cpu_strategy,
                           "optimizer")
     assert int(dist.optimizer.iterations.numpy()) == 1
+    # The method's own state: the weight average, extra heads, running statistics.
+    single_items, dist_items = single.method.checkpoint_items(), dist.method.checkpoint_items()
+    assert set(single_items) == set(dist_items) == (
+        set() if train_mode not in SEMI_SUPERVISED_MODES
+        else {"ema_model", *{"debiasmatch": ["debiasmatch"], "dst": ["dst_heads"], "s4l": ["rotation_head"]}.get(train_mode, [])}
+    )
+    for key in single_items:
+        assert_same_variables(_variables(single_items[key]), _variables(dist_items[key]), two_cpu_strategy, key)
+
+
+def _variables(item) -> list:
+    # Every variable the checkpoint saves of the item (Keras layers inside a tf.Module too).
+    return list(checkpoints.model_variables_by_path(item).values())
 
 
 def test_the_comparison_detects_per_replica_batch_norm(tmp_path, two_cpu_strategy):
