@@ -7,7 +7,7 @@ embedded digits.
 
 from __future__ import annotations
 
-import json
+import glob
 
 import numpy as np
 import pytest
@@ -61,6 +61,15 @@ def test_a_step_from_a_pretraining_checkpoint_then_eval_of_the_average(train_mod
     config = tiny_config(train_mode, train={"checkpoint": pretrained, "mode": "train_then_eval", "train_steps": 1})
     result = train_and_evaluate(config, str(tmp_path))
     assert result["global_step"] == 1 and 0 <= result["eval/label_top_1_accuracy"] <= 1
+    # What users of these methods watch, per logged step.
+    tags = set()
+    for path in glob.glob(str(tmp_path / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    pseudo_labelling = train_mode in ("fixmatch", "uda", "debiasmatch", "dst")
+    watched = {"train/mask_rate", "train/pseudo_label_acc", "train/pseudo_label_class_fraction"}
+    assert watched <= tags if pseudo_labelling else not watched & tags
+    assert {"train/supervised_loss", "train/total_loss"} <= tags
 
     # Saved: the model, its average and the method's own state.
     path = tf.train.latest_checkpoint(str(tmp_path))
