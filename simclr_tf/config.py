@@ -164,11 +164,12 @@ class DistillConfig:
 class SemiConfig:
     """The semi-supervised methods' hyper-parameters (defaults: each paper's, see its module)."""
 
+    # These three: None = the method's own default (`defaults` of its class: the paper's).
     # Unlabeled images per labeled one in a step (FixMatch's mu): mu * --train_batch_size.
-    unlabeled_batch_ratio: int = 7
-    # Keep a pseudo-label only when the model's probability for it is at least this.
-    pseudo_label_threshold: float = 0.95
-    # Weight of the unlabeled term; None = the method's own default (its module says which).
+    unlabeled_batch_ratio: int | None = None
+    # Keep a pseudo-label only when the model's probability for it reaches this.
+    pseudo_label_threshold: float | None = None
+    # Weight of the unlabeled term.
     unlabeled_loss_weight: float | None = None
     # UDA: sharpening temperature and confidence mask of the original-view prediction.
     uda_temperature: float = 0.4
@@ -409,11 +410,12 @@ def validate(config: Config) -> None:
 
 
 def _validate_semi(semi: SemiConfig, fail) -> None:
-    if semi.unlabeled_batch_ratio < 1:
+    if semi.unlabeled_batch_ratio is not None and semi.unlabeled_batch_ratio < 1:
         fail("unlabeled_batch_ratio", "must be at least 1 (unlabeled images per labeled one).")
     for flag in ("pseudo_label_threshold", "uda_confidence"):
-        if not 0 <= getattr(semi, flag) <= 1:
-            fail(flag, f"{getattr(semi, flag)} must be a probability in [0, 1].")
+        value = getattr(semi, flag)
+        if value is not None and not 0 <= value <= 1:
+            fail(flag, f"{value} must be a probability in [0, 1].")
     if semi.unlabeled_loss_weight is not None and not semi.unlabeled_loss_weight >= 0:
         fail("unlabeled_loss_weight", "must be >= 0 (or left out for the method's default).")
     if not semi.uda_temperature > 0:

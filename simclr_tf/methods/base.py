@@ -53,6 +53,11 @@ class Method:
         """Examples of the stream an epoch counts that one global step reads."""
         return config.train.train_batch_size
 
+    @classmethod
+    def images_per_step(cls, config) -> int:
+        """Images (not views) one global step reads, for the images/s the log reports."""
+        return config.train.train_batch_size
+
     # -- model and state --------------------------------------------------------------
     def build_model(self) -> keras.Model:
         """The trained model, built; called under the strategy scope."""

@@ -102,7 +102,8 @@ class DebiasMatch(semi.SemiSupervised):
 
     name = "debiasmatch"
     unlabeled_views = ("weak", "strong")
-    default_unlabeled_loss_weight = 10.0  # DebiasPL's lambda_u, as `debiasmatch_loss`
+    # DebiasPL's ImageNet recipe (see `debiasmatch_loss`): threshold 0.8, lambda_u 10.
+    defaults = {**semi.SemiSupervised.defaults, "pseudo_label_threshold": 0.8, "unlabeled_loss_weight": 10.0}
 
     def setup(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
         super().setup(model, optimizer)
@@ -135,7 +136,7 @@ class DebiasMatch(semi.SemiSupervised):
             momentum=self.semi.debias_momentum,
             debias_strength=strength,
             margin_strength=strength,
-            threshold=self.semi.pseudo_label_threshold,
+            threshold=self.pseudo_label_threshold,
             unlabeled_weight=self.unlabeled_loss_weight,
             unlabeled_labels=batch["unlabeled_label"],
             replica_context=base.replica_context_if_distributed(),

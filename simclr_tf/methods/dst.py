@@ -198,7 +198,7 @@ class Dst(semi.SemiSupervised):
             pseudo_strong_logits=self.heads.pseudo(strong_features, training=True),
             worst_labeled_logits=worst_labeled,
             worst_unlabeled_logits=worst_unlabeled,
-            threshold=self.semi.pseudo_label_threshold,
+            threshold=self.pseudo_label_threshold,
             self_training_weight=self.unlabeled_loss_weight,
             worst_case_weight=self.semi.dst_worst_case_weight,
             eta_prime=self.semi.dst_eta_prime,

@@ -68,7 +68,7 @@ class FixMatch(semi.SemiSupervised):
             labels=batch["label"],
             weak_logits=weak_logits,
             strong_logits=strong_logits,
-            threshold=self.semi.pseudo_label_threshold,
+            threshold=self.pseudo_label_threshold,
             unlabeled_weight=self.unlabeled_loss_weight,
             unlabeled_labels=batch["unlabeled_label"],
         )

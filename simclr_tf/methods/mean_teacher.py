@@ -82,7 +82,9 @@ class MeanTeacher(semi.SemiSupervised):
     name = "mean_teacher"
     # Two independent weak views: the student sees one, the teacher the other.
     unlabeled_views = ("weak", "weak")
-    default_unlabeled_loss_weight = 50.0  # USB meanteacher's ulb_loss_ratio, as `mean_teacher_loss`
+    # USB meanteacher's ulb_loss_ratio, as `mean_teacher_loss`.
+    defaults = {**semi.SemiSupervised.defaults, "unlabeled_loss_weight": 50.0}
+    unused_flags = ("pseudo_label_threshold",)
 
     def metric_names(self, model: keras.Model) -> tuple[str, ...]:
         return base.SUPERVISED_METRICS + ("unlabeled_loss", "consistency_weight", "teacher_acc")

@@ -92,6 +92,9 @@ class S4l(semi.SemiSupervised):
 
     name = "s4l"
     unlabeled_views = ("weak",)
+    # S4L's recipe: as many unlabeled images as labeled ones.
+    defaults = {**semi.SemiSupervised.defaults, "unlabeled_batch_ratio": 1}
+    unused_flags = ("pseudo_label_threshold", "unlabeled_loss_weight")  # --rotation_loss_weight
 
     def setup(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
         super().setup(model, optimizer)

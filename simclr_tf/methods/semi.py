@@ -20,6 +20,7 @@ from typing import ClassVar
 import keras
 import tensorflow as tf
 
+from simclr_tf.config import FlagError
 from simclr_tf.data import semi_augment
 from simclr_tf.methods import base
 from simclr_tf.methods import common
@@ -35,12 +36,35 @@ class SemiSupervised(base.Method):
 
     # The unlabeled views a step reads, in order: "weak" or "strong" each.
     unlabeled_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
-    # The weight of the unlabeled term when --unlabeled_loss_weight is not given.
-    default_unlabeled_loss_weight: ClassVar[float] = 1.0
+    # Values of the flags whose default (None) is the method's own: FixMatch's here.
+    defaults: ClassVar[dict[str, float]] = {
+        "unlabeled_batch_ratio": 7, "pseudo_label_threshold": 0.95, "unlabeled_loss_weight": 1.0,
+    }
+    # Flags of the `semi` section this method does not read: giving one is an error.
+    unused_flags: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def check_flags(cls, config, *, resuming: bool) -> None:
+        for flag in cls.unused_flags:
+            if getattr(config.semi, flag) is not None:
+                raise FlagError(
+                    f"--{flag}: --train_mode={cls.name} does not use it (README: Semi-supervised "
+                    "methods lists each method's flags); leave it out."
+                )
+
+    @classmethod
+    def setting(cls, config, flag: str) -> float:
+        """A `semi` flag's value: as given, else this method's default."""
+        value = getattr(config.semi, flag)
+        return cls.defaults[flag] if value is None else value
 
     @classmethod
     def examples_per_step(cls, config) -> int:
-        return config.semi.unlabeled_batch_ratio * config.train.train_batch_size
+        return cls.setting(config, "unlabeled_batch_ratio") * config.train.train_batch_size
+
+    @classmethod
+    def images_per_step(cls, config) -> int:
+        return config.train.train_batch_size + cls.examples_per_step(config)
 
     @property
     def semi(self):
@@ -48,8 +72,11 @@ class SemiSupervised(base.Method):
 
     @property
     def unlabeled_loss_weight(self) -> float:
-        weight = self.semi.unlabeled_loss_weight
-        return self.default_unlabeled_loss_weight if weight is None else weight
+        return self.setting(self.config, "unlabeled_loss_weight")
+
+    @property
+    def pseudo_label_threshold(self) -> float:
+        return self.setting(self.config, "pseudo_label_threshold")
 
     # -- state ------------------------------------------------------------------------
     def setup(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
@@ -94,7 +121,7 @@ class SemiSupervised(base.Method):
         self, metrics: base.Metrics, logits: tf.Tensor, *, threshold: float | None = None, inclusive: bool = True
     ) -> base.Metrics:
         """Adds the class distribution of the pseudo-labels `logits` give (kept ones only)."""
-        threshold = self.semi.pseudo_label_threshold if threshold is None else threshold
+        threshold = self.pseudo_label_threshold if threshold is None else threshold
         labels, mask, _ = common.pseudo_labels(logits, threshold=threshold, inclusive=inclusive)
         metrics[PSEUDO_LABEL_CLASSES] = common.pseudo_label_class_fractions(
             labels, mask, self.experiment.source.num_classes
@@ -118,7 +145,7 @@ class SemiSupervised(base.Method):
         raise ValueError(f"Unknown view {kind!r}: use 'weak' or 'strong'.")
 
     def train_batches(self, batch_size, context, *, start_step, cache):
-        mu = self.semi.unlabeled_batch_ratio
+        mu = self.setting(self.config, "unlabeled_batch_ratio")
         labeled = self.experiment.training_batches(
             batch_size, context, view_fns=(self.view_fn("weak"),), subset=self.labeled_subset(),
             start_example=base.start_example(start_step, self.config.train.train_batch_size, context),

@@ -141,6 +141,7 @@ class Uda(semi.SemiSupervised):
 
     name = "uda"
     unlabeled_views = ("weak", "strong")
+    unused_flags = ("pseudo_label_threshold",)  # --uda_confidence masks instead
 
     def metric_names(self, model: keras.Model) -> tuple[str, ...]:
         return base.SUPERVISED_METRICS + semi.PSEUDO_LABEL_METRICS + ("tsa_threshold", "tsa_trained_ratio")

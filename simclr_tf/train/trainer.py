@@ -100,10 +100,10 @@ def train(experiment: Experiment, state: TrainState | None = None) -> TrainState
     if step:
         logging.info(
             "Resuming at step %d: the training data continues in epoch %d",
-            step, step * cfg.train.train_batch_size // experiment.num_train_examples,
+            step, step * state.method.examples_per_step(cfg) // experiment.num_train_examples,
         )
     iterator = iter(experiment.train_dataset(start_step=step))
-    progress = Progress(step, experiment.train_steps, cfg.train.train_batch_size)
+    progress = Progress(step, experiment.train_steps, state.method.images_per_step(cfg))
     call_length = preemption.CallLength()
     agree = preemption.Agreement(strategy)
     with preemption.SigtermFlag() as sigterm:

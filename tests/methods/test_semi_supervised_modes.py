@@ -199,3 +199,21 @@ def test_weight_average_matches_numpy():
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(build, decay=1.0)
+
+
+def test_each_method_has_its_papers_defaults_and_refuses_flags_it_ignores(tmp_path):
+    def method(train_mode, **semi):
+        config = tiny_config(train_mode, semi={"unlabeled_batch_ratio": None, "pseudo_label_threshold": None, **semi})
+        return Experiment.create(config, str(tmp_path / train_mode)).method
+
+    fixmatch, debias, s4l, teacher = method("fixmatch"), method("debiasmatch"), method("s4l"), method("mean_teacher")
+    assert (fixmatch.pseudo_label_threshold, fixmatch.unlabeled_loss_weight) == (0.95, 1.0)
+    assert (debias.pseudo_label_threshold, debias.unlabeled_loss_weight) == (0.8, 10.0)
+    assert teacher.unlabeled_loss_weight == 50.0
+    assert fixmatch.examples_per_step(fixmatch.config) == 7 * BATCH
+    assert s4l.examples_per_step(s4l.config) == BATCH and s4l.images_per_step(s4l.config) == 2 * BATCH
+    assert method("fixmatch", pseudo_label_threshold=0.5, unlabeled_loss_weight=2.0).unlabeled_loss_weight == 2.0
+    for train_mode, flag in (("s4l", "unlabeled_loss_weight"), ("uda", "pseudo_label_threshold"),
+                             ("mean_teacher", "pseudo_label_threshold")):
+        with pytest.raises(config_lib.FlagError, match=f"--{flag}: --train_mode={train_mode} does not use it"):
+            method(train_mode, **{flag: 0.5})
