@@ -94,7 +94,7 @@ def keras_layers(args: argparse.Namespace) -> dict[str, Callable]:
     )
 
     def weak(_, x):
-        x = semi_augment._to_size(x, size)  # the same conversion as ours, not timed apart
+        x = semi_augment.to_image_size(x, size)  # the same conversion as ours, not timed apart
         for layer in weak_layers:
             x = layer(x, training=True)
         return x

@@ -174,7 +174,7 @@ def _fold(seed: tf.Tensor, stream: int) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(seed, stream)
 
 
-def _to_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
+def to_image_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """float32 (S, S, 3) in [0, 1]: images already (S, S) only converted, others centre-cropped."""
     image = ensure_rgb(image)
     shape = tf.shape(image)
@@ -216,7 +216,7 @@ def weak_augment(
     up to round(translate_fraction * image_size) pixels along each axis.
     """
     seed = _check_seed(seed)
-    image = _to_size(image, image_size)
+    image = to_image_size(image, image_size)
     return _flip_and_shift(image, seed, use_flip=use_flip, translate_fraction=translate_fraction)
 
 

@@ -8,6 +8,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from simclr_tf.data import semi_augment
 
 S = 32
+GREY = 0.5  # Cutout's fill, and what geometric ops bring in (FixMatch's)
 FUNCTIONS = {"weak": semi_augment.weak_augment, "strong": semi_augment.strong_augment}
 
 
@@ -68,6 +69,14 @@ def test_same_size_image_is_only_converted():
     np.testing.assert_allclose(view.numpy(), image / 255.0, atol=1e-6)
 
 
+def test_other_sizes_take_the_centre_square_of_the_whole_shorter_side():
+    image = _rng_image((48, 80, 3))
+    view = semi_augment.weak_augment(image, image_size=S, seed=_seed(0), use_flip=False, translate_fraction=0.0)
+    square = tf.constant(image[:, 16:64] / 255.0, tf.float32)
+    expected = tf.clip_by_value(tf.image.resize(square, [S, S], method="bicubic"), 0.0, 1.0)
+    np.testing.assert_allclose(view.numpy(), expected.numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("translate_fraction", [0.125, 0.25])
 def test_weak_shift_is_at_most_translate_fraction(translate_fraction):
     image = np.zeros((S, S, 3), np.uint8)
@@ -104,7 +113,7 @@ def test_cutout_greys_a_square_of_the_stated_size(cutout_fraction):
     side = round(cutout_fraction * S)
     full = 0
     for view in views:
-        grey = np.all(view == semi_augment.FILL_VALUE, axis=-1)
+        grey = np.all(view == GREY, axis=-1)
         assert np.all((view == np.float32(0.9)) | grey[..., None])  # nothing else changed
         rows, cols = np.nonzero(grey.any(1))[0], np.nonzero(grey.any(0))[0]
         assert grey.sum() == len(rows) * len(cols)  # one axis-aligned rectangle
@@ -129,6 +138,27 @@ def test_each_randaugment_op_changes_the_image_and_stays_in_range(name, fraction
     assert out.min() >= 0.0 and out.max() <= 1.0
     changed = np.abs(out - image).max() > 1e-3
     assert changed == (name != "identity")
+
+
+@pytest.mark.parametrize("num_ops", [1, 2])
+def test_randaugment_draws_ops_uniformly_and_values_across_the_range(num_ops):
+    """On a white image brightness(f) gives f: the outputs show each op's choice and value."""
+    seeds = tf.stack([tf.fill([400], 3), tf.range(400)], axis=1)
+    white = tf.ones([S, S, 3])
+    out = tf.map_fn(
+        lambda seed: semi_augment.rand_augment(white, seed, num_ops=num_ops, ops=("identity", "brightness")),
+        seeds,
+        fn_output_signature=tf.float32,
+    ).numpy()
+    level = out[:, 0, 0, 0]
+    assert np.all(out == level[:, None, None, None])
+    unchanged = np.mean(level == 1.0)
+    assert abs(unchanged - 0.5**num_ops) < 0.07  # identity drawn num_ops times
+    once = level[level < 1.0] if num_ops == 1 else level[(level < 1.0) & (level >= 0.05)]
+    assert once.min() >= 0.05 - 1e-6 and once.max() <= 0.95 + 1e-6
+    assert once.min() < 0.15 and once.max() > 0.85  # values spread over the range
+    if num_ops == 2:
+        assert (level < 0.05).any()  # two brightness draws compose (0.05-0.95 squared)
 
 
 def _pil(image: np.ndarray) -> Image.Image:
@@ -160,8 +190,8 @@ def test_op_matches_pil(name):
     out = fn(tf.constant(image / 255.0, tf.float32), tf.constant(value, tf.float32)).numpy()
     expected = np.asarray(reference(_pil(image)), np.float32) / 255.0
     if name.startswith("translate"):  # PIL fills black where ours fills grey
-        uncovered = np.all(expected == 0, axis=-1) & np.all(out == semi_augment.FILL_VALUE, axis=-1)
-        expected[uncovered] = semi_augment.FILL_VALUE
+        uncovered = np.all(expected == 0, axis=-1) & np.all(out == GREY, axis=-1)
+        expected[uncovered] = GREY
     # PIL rounds to uint8 (and computes grey levels in integers): within 2 levels.
     np.testing.assert_allclose(out, expected, atol=2.5 / 255)
 
