@@ -105,16 +105,21 @@ def keras_layers(args: argparse.Namespace) -> dict[str, Callable]:
     return {"weak": weak, "strong": strong, "weak+strong": lambda i, x: (weak(i, x), strong(i, x))}
 
 
-def images_per_second(ds: tf.data.Dataset, fn: Callable, args: argparse.Namespace) -> float:
+def throughput(ds: tf.data.Dataset, fn: Callable, args: argparse.Namespace) -> tuple[float, float]:
+    """(images/s wall clock, microseconds of process CPU time per image) over one pass.
+
+    CPU time per image is the steadier figure on a machine shared with other jobs.
+    """
     pipeline = ds.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(args.batch_size)
     pipeline = pipeline.prefetch(tf.data.AUTOTUNE)
     it = iter(pipeline)
     next(it)  # tracing and warm-up
-    count, start = 0, time.perf_counter()
+    count, start, cpu_start = 0, time.perf_counter(), time.process_time()
     for batch in it:
         first = batch[0] if isinstance(batch, tuple) else batch
         count += int(first.shape[0])
-    return count / (time.perf_counter() - start)
+    cpu = time.process_time() - cpu_start
+    return count / (time.perf_counter() - start), cpu / count * 1e6
 
 
 def keras_checks(ds: tf.data.Dataset, args: argparse.Namespace) -> None:
@@ -146,20 +151,18 @@ def main(argv: list[str] | None = None) -> None:
           f"batch {args.batch_size}, {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}")
     keras_checks(ds, args)
     variants = {"ours": ours(args), "keras": keras_layers(args)}
-    results: dict[tuple[str, str], list[float]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
         for impl, fns in variants.items():
             for name, fn in fns.items():
-                results.setdefault((impl, name), []).append(images_per_second(ds, fn, args))
-    print(f"\nimages/s, median of {args.repeats} interleaved rounds (min-max)")
-    print(f"{'augmentation':<14}{'ours':>22}{'keras layers':>22}{'ours/keras':>12}")
+                results.setdefault((impl, name), []).append(throughput(ds, fn, args))
+    print(f"\nmedian of {args.repeats} interleaved rounds: images/s (wall clock) and us of CPU per image")
+    print(f"{'augmentation':<14}{'ours img/s':>12}{'keras img/s':>13}{'ours us CPU':>13}{'keras us CPU':>14}{'keras/ours CPU':>16}")
     for name in ("weak", "strong", "weak+strong"):
-        cells = []
-        for impl in variants:
-            values = results[(impl, name)]
-            cells.append(f"{statistics.median(values):8.0f} ({min(values):.0f}-{max(values):.0f})")
-        ratio = statistics.median(results[("ours", name)]) / statistics.median(results[("keras", name)])
-        print(f"{name:<14}{cells[0]:>22}{cells[1]:>22}{ratio:>11.2f}x")
+        rate = {impl: statistics.median(r for r, _ in results[(impl, name)]) for impl in variants}
+        cpu = {impl: statistics.median(c for _, c in results[(impl, name)]) for impl in variants}
+        print(f"{name:<14}{rate['ours']:>12.0f}{rate['keras']:>13.0f}{cpu['ours']:>13.0f}{cpu['keras']:>14.0f}"
+              f"{cpu['keras'] / cpu['ours']:>15.2f}x")
 
 
 if __name__ == "__main__":
