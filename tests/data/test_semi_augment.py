@@ -53,7 +53,13 @@ def test_pure_function_of_image_and_seed_eager_and_in_tf_data(name):
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
 @pytest.mark.parametrize(
     "shape,dtype",
-    [((32, 32, 3), np.uint8), ((32, 32, 3), np.float32), ((32, 32, 1), np.uint8), ((50, 70, 3), np.uint8), ((20, 24, 1), np.float32)],
+    [
+        ((32, 32, 3), np.uint8),
+        ((32, 32, 3), np.float32),
+        ((32, 32, 1), np.uint8),
+        ((50, 70, 3), np.uint8),  # larger than S
+        ((20, 24, 1), np.float32),  # smaller than S
+    ],
 )
 def test_output_shape_dtype_range(name, shape, dtype):
     views = _eager(FUNCTIONS[name], _rng_image(shape, dtype), range(4))
