@@ -69,12 +69,13 @@ def _affine(image: tf.Tensor, matrix: Sequence[tf.Tensor | float]) -> tf.Tensor:
 
 
 def _rotate(image: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
-    """Rotation by `degrees` about the image centre."""
+    """Counter-clockwise rotation by `degrees` about the image centre, as PIL's."""
     height, width = image.shape[0], image.shape[1]
     cy, cx = (height - 1) / 2, (width - 1) / 2
     angle = degrees * (math.pi / 180.0)
     cos, sin = tf.cos(angle), tf.sin(angle)
-    return _affine(image, (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy))
+    # input - centre = R(angle)^T (output - centre), rows pointing down
+    return _affine(image, (cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy))
 
 
 def _to_uint8_levels(image: tf.Tensor) -> tf.Tensor:

@@ -167,6 +167,26 @@ def test_randaugment_draws_ops_uniformly_and_values_across_the_range(num_ops):
         assert (level < 0.05).any()  # two brightness draws compose (0.05-0.95 squared)
 
 
+# name, value, bright pixel in, where it lands (row, col); 33 x 33 image, centre (16, 16)
+GEOMETRY = [
+    ("rotate", 90.0, (6, 16), (16, 6)),  # counter-clockwise: above the centre -> left of it
+    ("rotate", -30.0, (6, 16), (7, 21)),  # 10 px from the centre, 30 degrees clockwise
+    ("shear_x", 0.25, (16, 20), (16, 16)),  # row y takes column x + 0.25 y
+    ("shear_y", 0.25, (20, 16), (16, 16)),  # column x takes row y + 0.25 x
+]
+
+
+@pytest.mark.parametrize("name,value,source,target", GEOMETRY)
+def test_geometric_op_moves_a_pixel_where_its_value_says(name, value, source, target):
+    image = np.zeros((33, 33, 3), np.float32)
+    image[source] = 1.0
+    out = semi_augment.RANDAUGMENT_OPS[name][0](tf.constant(image), tf.constant(value)).numpy()
+    bright = np.argwhere(out[..., 0] == 1.0)
+    assert [tuple(p) for p in bright] == [target]
+    if value != 90.0:  # a quarter turn of a square covers it all
+        assert (out[..., 0] == GREY).any()  # what the op uncovers is grey
+
+
 def _pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image)
 
