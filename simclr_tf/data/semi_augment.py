@@ -42,6 +42,10 @@ FILL_VALUE = 0.5
 # PIL's SMOOTH kernel, which PIL's Sharpness enhancer blends with.
 _SMOOTH_KERNEL = ((1.0, 1.0, 1.0), (1.0, 5.0, 1.0), (1.0, 1.0, 1.0))
 
+# The code has no Python control flow on tensors, so AutoGraph has nothing to convert;
+# skipping it cut building a tf.data map of `strong_augment` from 5.6 s to 1.6 s (loaded CPU).
+_no_autograph = tf.autograph.experimental.do_not_convert
+
 # Independent random streams folded out of the caller's seed.
 _WEAK_FLIP, _WEAK_SHIFT, _STRONG_WEAK, _CUTOUT, _RANDAUGMENT = range(5)
 
@@ -177,6 +181,7 @@ def _fold(seed: tf.Tensor, stream: int) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(seed, stream)
 
 
+@_no_autograph
 def to_image_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """float32 (S, S, 3) in [0, 1]: images already (S, S) only converted, others centre-cropped."""
     image = ensure_rgb(image)
@@ -205,6 +210,7 @@ def _flip_and_shift(
     return image
 
 
+@_no_autograph
 def weak_augment(
     image: tf.Tensor,
     *,
@@ -223,6 +229,7 @@ def weak_augment(
     return _flip_and_shift(image, seed, use_flip=use_flip, translate_fraction=translate_fraction)
 
 
+@_no_autograph
 def rand_augment(
     image: tf.Tensor, seed: tf.Tensor, *, num_ops: int = 2, ops: Sequence[str] = tuple(RANDAUGMENT_OPS)
 ) -> tf.Tensor:
@@ -243,6 +250,7 @@ def rand_augment(
     return image
 
 
+@_no_autograph
 def cutout(image: tf.Tensor, seed: tf.Tensor, *, size: int) -> tf.Tensor:
     """Greys a `size` x `size` square centred at a uniform pixel, clipped at the image border."""
     if size <= 0:
@@ -258,6 +266,7 @@ def cutout(image: tf.Tensor, seed: tf.Tensor, *, size: int) -> tf.Tensor:
     return tf.where(inside, tf.constant(FILL_VALUE, image.dtype), image)
 
 
+@_no_autograph
 def strong_augment(
     image: tf.Tensor,
     *,
