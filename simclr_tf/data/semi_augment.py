@@ -22,7 +22,7 @@ RandAugment's `get_random_transformation` ignores its `seed` altogether, so the 
 pipeline run twice gives different images (no exact resume). RandAugment also computes
 all 11 ops at each of its `num_ops` steps and keeps one with `where`, and its single
 `factor` gives one-sided ranges (at the default 0.5: rotations of 0 to 180 degrees,
-shifts of 0 to +50%, brightness only up). Measured in tf.data on CIFAR-10 (2 shared
+shifts of 0 to +50%, brightness only up). Measured in tf.data on CIFAR-10 (2
 CPU cores shared with other jobs, tools/benchmark_augment.py, two runs), CPU time per
 image, ours vs Keras: weak 71-73 vs 113-119 us, strong (RandomErasing as Cutout)
 238-288 vs 1922-1948 us, i.e. 6.7-8.2x less for strong.
