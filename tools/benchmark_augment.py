@@ -94,7 +94,7 @@ def keras_layers(args: argparse.Namespace) -> dict[str, Callable]:
     )
 
     def weak(_, x):
-        x = semi_augment._to_size(x, size)  # the same conversion as ours, not timed apart
+        x = semi_augment.to_image_size(x, size)  # the same conversion as ours, not timed apart
         for layer in weak_layers:
             x = layer(x, training=True)
         return x
@@ -105,16 +105,21 @@ def keras_layers(args: argparse.Namespace) -> dict[str, Callable]:
     return {"weak": weak, "strong": strong, "weak+strong": lambda i, x: (weak(i, x), strong(i, x))}
 
 
-def images_per_second(ds: tf.data.Dataset, fn: Callable, args: argparse.Namespace) -> float:
+def throughput(ds: tf.data.Dataset, fn: Callable, args: argparse.Namespace) -> tuple[float, float]:
+    """(images/s wall clock, microseconds of process CPU time per image) over one pass.
+
+    CPU time per image is the steadier figure on a machine shared with other jobs.
+    """
     pipeline = ds.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(args.batch_size)
     pipeline = pipeline.prefetch(tf.data.AUTOTUNE)
     it = iter(pipeline)
     next(it)  # tracing and warm-up
-    count, start = 0, time.perf_counter()
+    count, start, cpu_start = 0, time.perf_counter(), time.process_time()
     for batch in it:
         first = batch[0] if isinstance(batch, tuple) else batch
         count += int(first.shape[0])
-    return count / (time.perf_counter() - start)
+    cpu = time.process_time() - cpu_start
+    return count / (time.perf_counter() - start), cpu / count * 1e6
 
 
 def keras_checks(ds: tf.data.Dataset, args: argparse.Namespace) -> None:
@@ -128,7 +133,8 @@ def keras_checks(ds: tf.data.Dataset, args: argparse.Namespace) -> None:
     print(f"ours, two runs identical:  {np.array_equal(run(ours(args)), run(ours(args)))}")
     keras_fns = keras_layers(args)
     print(f"keras, same layers, two runs identical: {np.array_equal(run(keras_fns), run(keras_fns))}")
-    print(f"keras, fresh layers same seed, two runs identical: {np.array_equal(run(keras_layers(args)), run(keras_layers(args)))}")
+    fresh = np.array_equal(run(keras_layers(args)), run(keras_layers(args)))
+    print(f"keras, fresh layers same seed, two runs identical: {fresh}")
     layer = keras.layers.RandAugment(value_range=(0, 1), seed=args.seed)
     image = tf.random.stateless_uniform([args.image_size, args.image_size, 3], [1, 2])
     draws = [layer.get_random_transformation(image, training=True, seed=tf.constant([5, 6]))["layer_idxes"].numpy()
@@ -146,20 +152,19 @@ def main(argv: list[str] | None = None) -> None:
           f"batch {args.batch_size}, {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}")
     keras_checks(ds, args)
     variants = {"ours": ours(args), "keras": keras_layers(args)}
-    results: dict[tuple[str, str], list[float]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
         for impl, fns in variants.items():
             for name, fn in fns.items():
-                results.setdefault((impl, name), []).append(images_per_second(ds, fn, args))
-    print(f"\nimages/s, median of {args.repeats} interleaved rounds (min-max)")
-    print(f"{'augmentation':<14}{'ours':>22}{'keras layers':>22}{'ours/keras':>12}")
+                results.setdefault((impl, name), []).append(throughput(ds, fn, args))
+    print(f"\nmedian of {args.repeats} interleaved rounds: images/s (wall clock) and us of CPU per image")
+    header = ("augmentation", "ours img/s", "keras img/s", "ours us CPU", "keras us CPU", "keras/ours CPU")
+    print(f"{header[0]:<14}" + "".join(f"{h:>{len(h) + 2}}" for h in header[1:]))
     for name in ("weak", "strong", "weak+strong"):
-        cells = []
-        for impl in variants:
-            values = results[(impl, name)]
-            cells.append(f"{statistics.median(values):8.0f} ({min(values):.0f}-{max(values):.0f})")
-        ratio = statistics.median(results[("ours", name)]) / statistics.median(results[("keras", name)])
-        print(f"{name:<14}{cells[0]:>22}{cells[1]:>22}{ratio:>11.2f}x")
+        rate = {impl: statistics.median(r for r, _ in results[(impl, name)]) for impl in variants}
+        cpu = {impl: statistics.median(c for _, c in results[(impl, name)]) for impl in variants}
+        print(f"{name:<14}{rate['ours']:>12.0f}{rate['keras']:>13.0f}{cpu['ours']:>13.0f}{cpu['keras']:>14.0f}"
+              f"{cpu['keras'] / cpu['ours']:>15.2f}x")
 
 
 if __name__ == "__main__":
