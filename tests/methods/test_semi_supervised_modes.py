@@ -35,10 +35,15 @@ def tiny_config(train_mode: str, **sections) -> Config:
         train={"train_mode": train_mode, "mode": "train", "train_steps": 2, "train_batch_size": BATCH,
                "eval_batch_size": 16, "log_every_steps": 1, "checkpoint_steps": 1,
                "keep_hub_module_max": 0, "knn_eval": False, "linear_probe_eval": False},
-        # A low threshold so that pseudo-labels are kept even by an untrained model.
-        semi={"unlabeled_batch_ratio": 2, "pseudo_label_threshold": 0.1, "ema_decay": 0.5},
+        semi={"unlabeled_batch_ratio": 2, "pseudo_label_threshold": low_threshold(train_mode), "ema_decay": 0.5},
     )
     return config.replace(**sections)
+
+
+def low_threshold(train_mode: str) -> float | None:
+    """A threshold that keeps the pseudo-labels of an untrained model, where the method has one."""
+    method = METHODS[train_mode]
+    return None if "pseudo_label_threshold" in getattr(method, "unused_flags", ("pseudo_label_threshold",)) else 0.1
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +222,16 @@ def test_each_method_has_its_papers_defaults_and_refuses_flags_it_ignores(tmp_pa
                              ("mean_teacher", "pseudo_label_threshold")):
         with pytest.raises(config_lib.FlagError, match=f"--{flag}: --train_mode={train_mode} does not use it"):
             method(train_mode, **{flag: 0.5})
+
+
+@pytest.mark.parametrize("train_mode", ["fixmatch", "mean_teacher"])
+def test_a_mixed_bfloat16_step_stays_finite_and_averages_in_float32(train_mode, tmp_path):
+    config = tiny_config(train_mode, train={"train_steps": 1}, runtime={"precision": "mixed_bfloat16"})
+    experiment = Experiment.create(config, str(tmp_path))
+    state = trainer.build_train_state(experiment)
+    trainer.train(experiment, state)
+    assert int(state.optimizer.iterations.numpy()) == 1
+    average = state.method.average.model
+    assert average.dtype_policy.compute_dtype == "bfloat16"  # the teacher runs in it too
+    assert {w.dtype for w in average.weights} == {"float32"}
+    assert all(np.isfinite(w.numpy()).all() for w in average.weights)

@@ -42,8 +42,8 @@ def tiny_config(train_mode: str, checkpoint: str | None, global_bn: bool = True)
         distill={"teacher_checkpoint": checkpoint if train_mode == "distill" else None,
                  "distill_temperature": 2.0, "distill_label_weight": 0.5},
         # A low threshold keeps pseudo-labels of an untrained model; decay 0.5 moves the average far.
-        semi={"unlabeled_batch_ratio": 2, "pseudo_label_threshold": 0.1, "ema_decay": 0.5,
-              "uda_confidence": 0.1},
+        semi={"unlabeled_batch_ratio": 2, "ema_decay": 0.5, "uda_confidence": 0.1,
+              "pseudo_label_threshold": 0.1 if train_mode in ("fixmatch", "debiasmatch", "dst") else None},
     )
 
 
