@@ -359,6 +359,7 @@ def write_report(report: dict, fractions: list[float], out: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     budget = report["budget"]
     text = [
@@ -399,6 +400,7 @@ def write_report(report: dict, fractions: list[float], out: str) -> None:
                   label=title, **style)
     axes.set_xscale("log")
     axes.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the fractions' labels
     axes.set_xlabel("labeled fraction of the training split")
     axes.set_ylabel("validation top-1 (%)")
     axes.grid(alpha=0.3)

@@ -53,7 +53,11 @@ def test_smoke_report(tool, tmp_path, capsys, caplog):
 
     # FixMatch: from scratch as (a), from (b)'s fine-tuned model as (b); the same labeled
     # subset, split and model; its budget's steps and batch.
-    for tag in ("0.05", "0.2"):
+    # Each run's log, in run order (scratch, then from SimCLRv2, per fraction): distill
+    # also starts from the fine-tuned model, so the restore is checked in FixMatch's own log.
+    fixmatch_logs = caplog.text.split("fixmatch on mnist5k")[1:]
+    assert len(fixmatch_logs) == 4
+    for index, tag in enumerate(("0.05", "0.2")):
         scratch, simclr = _config(tmp_path / f"fixmatch_scratch_{tag}"), _config(tmp_path / f"fixmatch_simclr_{tag}")
         supervised, finetune = _config(tmp_path / f"supervised_{tag}"), _config(tmp_path / f"finetune_{tag}")
         for config, like in ((scratch, supervised), (simclr, finetune)):
@@ -62,11 +66,14 @@ def test_smoke_report(tool, tmp_path, capsys, caplog):
             assert (config["train"]["train_steps"], config["train"]["train_batch_size"]) == (2, 4)
         assert scratch["train"]["checkpoint"] is None
         assert simclr["train"]["checkpoint"] == str(tmp_path / f"finetune_{tag}")
-        # ... and the run did restore the fine-tuned weights (classifier included), not start from scratch.
-        initialised = f"Initialised from {tmp_path / f'finetune_{tag}' / 'ckpt-4'}"
-        assert initialised in caplog.text
-        summary = caplog.text.split(initialised)[1].splitlines()[0]  # "restored N variables: backbone (..), ..."
+        scratch_log, simclr_log = fixmatch_logs[2 * index], fixmatch_logs[2 * index + 1]
+        assert "training from scratch" in scratch_log and "Initialised from" not in scratch_log
+        # The run restored the fine-tuned weights, classifier included.
+        initialised = f"Initialised from {tmp_path / f'finetune_{tag}' / 'ckpt-4'}: restored"
+        assert initialised in simclr_log
+        summary = simclr_log.split(initialised)[1].splitlines()[0]  # "N variables: backbone (..), ..."
         assert "backbone" in summary and "supervised_head" in summary
+
     # Finetune starts from the pretraining run; distill from (and with) the finetuned teacher.
     distill_config = json.loads((tmp_path / "distill_0.05" / "config.json").read_text())
     assert distill_config["distill"]["teacher_checkpoint"] == str(tmp_path / "finetune_0.05")
