@@ -72,8 +72,10 @@ class Budget:
 BUDGETS = {
     # Seconds, for tests.
     "smoke": Budget(18, 0.25, 32, 1, 4, 1, method_batch_size=4, method_images=120),
-    # method_images: <= 20 minutes a run on 2 CPU cores at ~2.6 ms an image (measured
-    # with FixMatch on CIFAR-10, see the README), i.e. 833 FixMatch steps, 390 of S4L.
+    # method_images: <= 20 minutes a run on 2 CPU cores at up to ~2.6 ms an image, plus
+    # ~1 min of start-up and evaluation: 833 FixMatch steps, 391 of S4L. A FixMatch step
+    # here took 1.2-1.9 s (2.6-4 ms an image) with other jobs on the cores; pretraining
+    # in docs/label_efficiency_cifar10 took 1.6 ms an image. On a busier machine, lower it.
     "hour": Budget(18, 0.25, 256, 15, 400, 2, method_batch_size=32, method_images=400_000),
     # A GPU/TPU run of the original CIFAR-10 setting; the methods at FixMatch's batch (64),
     # 50k FixMatch steps.

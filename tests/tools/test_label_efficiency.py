@@ -35,6 +35,7 @@ def _config(run_dir) -> dict:
     return json.loads((run_dir / "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_smoke_report(tool, tmp_path, capsys, caplog):
     with caplog.at_level(logging.INFO):
         report = tool.label_efficiency(_args(tool, tmp_path))
