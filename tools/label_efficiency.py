@@ -7,8 +7,13 @@ For each label fraction (default 1% and 10%), on one train/validation split:
   (c) distill: (b) as the teacher, its soft labels on all training images (plus the
       labeled subset, weight 0.3) train a student of the same architecture started
       from the teacher's weights (self-distillation).
-It writes `report.md` (a Markdown table of validation top-1), `report.png` (top-1 vs
-label fraction, one line per method) and `report.json` into --output_dir.
+With --methods (e.g. `fixmatch,uda` or `all`), each semi-supervised train mode adds two
+rows, on the same split, labeled subset, model and augmentation flags:
+  <method> (scratch): the method from random weights;
+  <method> (from SimCLRv2): the method started from (b)'s fine-tuned model.
+It writes `report.md` (a Markdown table of validation top-1 and wall time per run),
+`report.png` (top-1 vs label fraction, one line per row) and `report.json` into
+--output_dir.
 
 Every run lives in its own sub-directory and is skipped when its result.json already
 exists, so an interrupted report continues where it stopped.
@@ -19,6 +24,7 @@ Command (about an hour on 2 CPU cores):
     --output_dir=runs/label_efficiency
 On accelerators, scale the runs up with --budget=full or the per-stage flags
 (--pretrain_epochs, --resnet_depth, --width_multiplier, --batch_size, ...).
+Adding --methods=all --fractions=0.01 adds 12 runs of at most 20 minutes each (hour budget).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ METHODS = {
     "finetune": "(b) pretrain on all images + finetune",
     "distill": "(c) (b) distilled on all images",
 }
+# The two starts of every semi-supervised method: row key suffix -> title suffix.
+STARTS = {"scratch": "(scratch)", "simclr": "(from SimCLRv2)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +61,25 @@ class Budget:
     # Few labels give few images per epoch: label runs are sized in optimizer steps.
     label_steps: int
     distill_epochs: int
+    # Semi-supervised runs: labeled images per step (each step also reads
+    # --unlabeled_batch_ratio (7) times as many unlabeled ones per unlabeled view), and
+    # images through the network per run, the same for every method: steps are
+    # method_images / images_per_step (a FixMatch step at batch 32: 32 + 2 x 224 = 480).
+    method_batch_size: int
+    method_images: int
 
 
 BUDGETS = {
     # Seconds, for tests.
-    "smoke": Budget(18, 0.25, 32, 1, 4, 1),
-    "hour": Budget(18, 0.25, 256, 15, 400, 2),
-    # A GPU/TPU run of the original CIFAR-10 setting.
-    "full": Budget(18, 1.0, 512, 800, 5000, 100),
+    "smoke": Budget(18, 0.25, 32, 1, 4, 1, method_batch_size=4, method_images=120),
+    # method_images: <= 20 minutes a run on 2 CPU cores at up to ~2.6 ms an image, plus
+    # ~1 min of start-up and evaluation: 833 FixMatch steps, 391 of S4L. A FixMatch step
+    # here took 1.2-1.9 s (2.6-4 ms an image) with other jobs on the cores; pretraining
+    # in docs/label_efficiency_cifar10 took 1.6 ms an image. On a busier machine, lower it.
+    "hour": Budget(18, 0.25, 256, 15, 400, 2, method_batch_size=32, method_images=400_000),
+    # A GPU/TPU run of the original CIFAR-10 setting; the methods at FixMatch's batch (64),
+    # 50k FixMatch steps.
+    "full": Budget(18, 1.0, 512, 800, 5000, 100, method_batch_size=64, method_images=48_000_000),
 }
 
 
@@ -75,13 +94,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="hour")
     parser.add_argument("--output_dir", default="runs/label_efficiency")
     parser.add_argument("--labeled_seed", type=int, default=0)
+    parser.add_argument("--methods", default="",
+                        help="Comma-separated semi-supervised train modes to add (fixmatch, uda, mean_teacher, "
+                             "debiasmatch, dst, s4l), or 'all'; default: none.")
+    # Learning rates after batch scaling, i.e. at any --method_batch_size: those of rows (a) and (b).
+    parser.add_argument("--method_lr_scratch", type=float, default=0.1,
+                        help="Learning rate of the semi-supervised runs from scratch.")
+    parser.add_argument("--method_lr_simclr", type=float, default=0.003,
+                        help="Learning rate of the semi-supervised runs from the fine-tuned SimCLRv2 model.")
     for field in dataclasses.fields(Budget):
         # Annotations are strings here (postponed evaluation).
         parser.add_argument(f"--{field.name}", type={"int": int, "float": float}[field.type],
                             default=None, help=f"Override the budget's {field.name}.")
     parser.add_argument("--use_tpu", action="store_true")
     parser.add_argument("--tpu_name", default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.methods = parse_methods(args.methods)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def parse_methods(text: str) -> list[str]:
+    """The --methods list: names from SEMI_SUPERVISED_MODES, or 'all'."""
+    from simclr_tf.config import SEMI_SUPERVISED_MODES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(SEMI_SUPERVISED_MODES)
+    unknown = [name for name in names if name not in SEMI_SUPERVISED_MODES]
+    if unknown:
+        raise ValueError(
+            f"--methods: unknown {', '.join(unknown)}; use 'all' or a comma-separated list of "
+            f"{', '.join(SEMI_SUPERVISED_MODES)}."
+        )
+    return list(dict.fromkeys(names))
+
+
+def row_titles(methods: list[str]) -> dict[str, str]:
+    """Report rows in table order: key -> title."""
+    rows = dict(METHODS)
+    for method in methods:
+        for start, title in STARTS.items():
+            rows[f"{method}_{start}"] = f"{method} {title}"
+    return rows
 
 
 def resolve_budget(args: argparse.Namespace) -> Budget:
@@ -168,6 +225,60 @@ def distill_config(base, budget: Budget, fraction: float, teacher: str):
     )
 
 
+def images_per_step(train_mode: str, batch_size: int, unlabeled_batch_ratio: int) -> int:
+    """Images a step of `train_mode` passes through the network (Mean Teacher's teacher pass counted in full)."""
+    from simclr_tf.methods import s4l
+    from simclr_tf.methods.registry import METHODS as TRAIN_MODES
+
+    views = len(TRAIN_MODES[train_mode].unlabeled_views)
+    images = batch_size * (1 + views * unlabeled_batch_ratio)
+    # S4L classifies every image in each of its rotations.
+    return images * s4l.NUM_ROTATIONS if train_mode == "s4l" else images
+
+
+def method_steps(budget: Budget, train_mode: str, unlabeled_batch_ratio: int) -> int:
+    return max(1, round(budget.method_images / images_per_step(train_mode, budget.method_batch_size,
+                                                                unlabeled_batch_ratio)))
+
+
+def method_config(base, budget: Budget, fraction: float, train_mode: str, checkpoint: str | None,
+                  learning_rate: float):
+    """A semi-supervised run on the subset, from scratch or from (b)'s fine-tuned model.
+
+    `learning_rate` is the rate the optimizer uses; --learning_rate_scaling=linear
+    multiplies the base by batch / 256, so the base is set to undo that. The defaults are
+    rows (a)'s and (b)'s: a larger rate washes out what fine-tuning learned.
+    """
+    from_simclr = checkpoint is not None
+    steps = method_steps(budget, train_mode, base.semi.unlabeled_batch_ratio)
+    return base.replace(
+        train={
+            "train_mode": train_mode,
+            "train_steps": steps,
+            "train_batch_size": budget.method_batch_size,
+            "checkpoint": checkpoint,
+            # Resumable within a run too: a stage may take 20 minutes.
+            "checkpoint_steps": min(steps, 200),
+            # The row is the classifier's top-1; a probe on features of the whole train
+            # split would spend a minute of the run's budget on CIFAR-10.
+            "linear_probe_eval": False,
+        },
+        data={"labeled_fraction": fraction},
+        # The fine-tuned model keeps the first projection layer: build the same model.
+        model={"ft_proj_selector": 1 if from_simclr else 0},
+        optim={
+            "optimizer": "momentum",
+            "learning_rate": learning_rate * 256 / budget.method_batch_size,
+            "learning_rate_scaling": "linear",
+            "warmup_epochs": 0,
+            "weight_decay": 1e-4,
+        },
+        # Evaluation uses the weight average: it should span the last ~10% of the steps,
+        # not (at 0.999 over 1,000 steps) keep a third of the random start.
+        semi={"ema_decay": min(0.999, max(0.0, 1.0 - 10.0 / steps))},
+    )
+
+
 def run(config, model_dir: str) -> dict:
     """Trains and evaluates unless model_dir already holds this run's result."""
     from simclr_tf.train import train_and_evaluate
@@ -194,7 +305,8 @@ def label_efficiency(args: argparse.Namespace) -> dict:
 
     pretrain_dir = os.path.join(out, "pretrain")
     pretrain = run(pretrain_config(base, budget), pretrain_dir)
-    results: dict[str, dict[str, float]] = {m: {} for m in METHODS}
+    rows = row_titles(args.methods)
+    results: dict[str, dict[str, float]] = {row: {} for row in rows}
     run_seconds = {"pretrain": pretrain["seconds"]}
     for fraction in fractions:
         tag = f"{fraction:g}"
@@ -203,15 +315,25 @@ def label_efficiency(args: argparse.Namespace) -> dict:
         finetune_dir = os.path.join(out, f"finetune_{tag}")
         finetune = run(labeled_config(base, budget, fraction, "finetune", pretrain_dir), finetune_dir)
         distill = run(distill_config(base, budget, fraction, finetune_dir), os.path.join(out, f"distill_{tag}"))
-        for method, result in (("supervised", supervised), ("finetune", finetune), ("distill", distill)):
-            results[method][tag] = result["eval/label_top_1_accuracy"]
-            run_seconds[f"{method}_{tag}"] = result["seconds"]
+        row_results = {"supervised": supervised, "finetune": finetune, "distill": distill}
+        for method in args.methods:
+            for start, checkpoint, learning_rate in (("scratch", None, args.method_lr_scratch),
+                                                     ("simclr", finetune_dir, args.method_lr_simclr)):
+                config = method_config(base, budget, fraction, method, checkpoint, learning_rate)
+                row_results[f"{method}_{start}"] = run(config, os.path.join(out, f"{method}_{start}_{tag}"))
+        for row, result in row_results.items():
+            results[row][tag] = result["eval/label_top_1_accuracy"]
+            run_seconds[f"{row}_{tag}"] = result["seconds"]
 
     report = {
         "budget": dataclasses.asdict(budget),
         "dataset": args.dataset,
         "train_split": args.train_split,
         "eval_split": args.eval_split,
+        "rows": rows,
+        "method_steps": {m: method_steps(budget, m, base.semi.unlabeled_batch_ratio) for m in args.methods},
+        "unlabeled_batch_ratio": base.semi.unlabeled_batch_ratio,
+        "method_lr": {"scratch": args.method_lr_scratch, "simclr": args.method_lr_simclr},
         "top_1": results,
         # Representation quality without labels (weighted k-NN on frozen features).
         "pretrain_knn_top_1": pretrain["eval/knn_top_1_accuracy"],
@@ -223,12 +345,14 @@ def label_efficiency(args: argparse.Namespace) -> dict:
 
 
 def markdown_table(report: dict, fractions: list[float]) -> str:
+    """Top-1 (%) and the run's wall time (minutes) per row and label fraction."""
     tags = [f"{f:g}" for f in fractions]
-    header = "| method | " + " | ".join(f"{float(t):.0%} labels" for t in tags) + " |"
-    lines = [header, "|" + " --- |" * (len(tags) + 1)]
-    for method, title in METHODS.items():
-        row = report["top_1"][method]
-        lines.append(f"| {title} | " + " | ".join(f"{100 * row[t]:.1f}" for t in tags) + " |")
+    header = "| method | " + " | ".join(f"{float(t):.0%} labels | min" for t in tags) + " |"
+    lines = [header, "|" + " --- |" * (2 * len(tags) + 1)]
+    for row, title in report.get("rows", METHODS).items():
+        cells = [f"{100 * report['top_1'][row][t]:.1f} | {report['run_seconds'][f'{row}_{t}'] / 60:.1f}"
+                 for t in tags]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -237,6 +361,7 @@ def write_report(report: dict, fractions: list[float], out: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     budget = report["budget"]
     text = [
@@ -245,7 +370,9 @@ def write_report(report: dict, fractions: list[float], out: str) -> None:
         f"Validation top-1 (%) on `{report['eval_split']}` of `{report['dataset']}`; "
         f"ResNet-{budget['resnet_depth']} x{budget['width_multiplier']:g}, "
         f"{budget['pretrain_epochs']} pretraining epochs, {budget['label_steps']} label steps, "
-        f"{budget['distill_epochs']} distillation epochs; {report['seconds'] / 60:.0f} min in all.",
+        f"{budget['distill_epochs']} distillation epochs; {report['seconds'] / 60:.0f} min in all "
+        f"(pretraining: {report['run_seconds']['pretrain'] / 60:.0f} min).",
+        *method_summary(report),
         "",
         markdown_table(report, fractions),
         "",
@@ -258,20 +385,50 @@ def write_report(report: dict, fractions: list[float], out: str) -> None:
     pathlib.Path(out, "report.md").write_text("\n".join(text))
     pathlib.Path(out, "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
 
-    figure, axes = plt.subplots(figsize=(5, 3.5), dpi=120)
+    rows = report.get("rows", METHODS)
+    figure, axes = plt.subplots(figsize=(5 if len(rows) <= 3 else 7.5, 3.5), dpi=120)
     tags = [f"{f:g}" for f in fractions]
-    for method, title in METHODS.items():
-        axes.plot([100 * f for f in fractions], [100 * report["top_1"][method][t] for t in tags],
-                  marker="o", label=title)
+    colors = plt.get_cmap("tab10").colors
+    methods = list(dict.fromkeys(row.rsplit("_", 1)[0] for row in rows if row not in METHODS))
+    for index, (row, title) in enumerate(rows.items()):
+        if row in METHODS:
+            style = {"color": colors[index], "marker": "o"}
+        else:  # a method's two starts share its colour: dotted from scratch, solid from SimCLRv2
+            method, start = row.rsplit("_", 1)
+            style = {"color": colors[(len(METHODS) + methods.index(method)) % len(colors)],
+                     "marker": "s" if start == "scratch" else "^",
+                     "linestyle": ":" if start == "scratch" else "-"}
+        axes.plot([100 * f for f in fractions], [100 * report["top_1"][row][t] for t in tags],
+                  label=title, **style)
     axes.set_xscale("log")
     axes.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the fractions' labels
     axes.set_xlabel("labeled fraction of the training split")
     axes.set_ylabel("validation top-1 (%)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    if len(rows) <= 3:
+        axes.legend(fontsize=7)
+    else:
+        axes.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
-    figure.savefig(os.path.join(out, "report.png"))
+    figure.savefig(os.path.join(out, "report.png"), bbox_inches="tight")  # the legend may sit outside
     plt.close(figure)
+
+
+def method_summary(report: dict) -> list[str]:
+    """The semi-supervised runs' settings, when there are any."""
+    if len(report.get("rows", METHODS)) == len(METHODS):
+        return []
+    budget = report["budget"]
+    return [
+        "",
+        f"Semi-supervised rows: {budget['method_images']:,} images through the network per run "
+        f"({', '.join(f'{m}: {n} steps' for m, n in report['method_steps'].items())}), "
+        f"{budget['method_batch_size']} labeled images and {report['unlabeled_batch_ratio']} times as many "
+        f"unlabeled ones per view and step; learning rate "
+        f"{report['method_lr']['scratch']:g} from scratch, {report['method_lr']['simclr']:g} from (b)'s "
+        f"fine-tuned model; evaluated with the weight average.",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
