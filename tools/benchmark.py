@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unlabeled_batch_ratio", type=int, default=7,
                         help="Semi-supervised modes: unlabeled images per labeled one (mu).")
     parser.add_argument("--labeled_fraction", type=float, default=0.01,
-                        help="Semi-supervised modes: the labeled subset of --train_split.")
+                        help="Semi-supervised and supervised modes: the labeled subset of --train_split.")
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="validation", help="Must exist; it is not read.")
