@@ -1,12 +1,26 @@
-"""Throughput of the pretraining step on this machine, against its practical peak.
+"""Throughput of a train mode's step on this machine, against its practical peak.
 
-Measures, for one configuration (images counted once, whatever the number of views):
+Measures, for one configuration and --train_mode (pretrain or a semi-supervised mode):
   (a) the input pipeline alone, (b) the training step on one in-memory batch repeated,
   (c) the training loop as run.py runs it (pipeline + step + metrics);
-and the model's FLOPs per image (forward pass from the graph, training ~ 3x forward per
-view), the step's achieved FLOP/s, and a dense matmul and a plain 3x3 convolution timed
-in the same process as the machine's practical peak. Also peak RSS, and with
---profile_dir the time per op type from a profiler trace.
+and the model's FLOPs per image (forward pass from the graph), the step's FLOPs and
+achieved FLOP/s, and a dense matmul and a plain 3x3 convolution timed in the same
+process as the machine's practical peak. Also peak RSS, and with --profile_dir the time
+per op type from a profiler trace.
+
+What "images" means. `*_images_per_second` count the step's --train_batch_size
+examples (B), each once: pretrain's images whatever the number of views, the
+semi-supervised modes' labeled images. Per step the tool also reports, whatever the mode:
+  input_images_per_step    every image the pipeline delivers, all views (from the batch's
+                           shapes): pretrain 2B; fixmatch B + 2 mu B; s4l B + mu B;
+  model_images_per_step    images through the model's forward passes in one step, and
+  trained_images_per_step  those the backward pass also goes through, both counted from
+                           the traced step (its convolutions' FLOPs over one image's), so
+                           s4l's four rotations and mean_teacher's forward-only teacher
+                           pass count as the step runs them;
+and `pipeline_input_images_per_second` (all views) and `step_model_images_per_second`.
+Training FLOPs per step = forward FLOPs per image x (model + 2 x trained images);
+pipeline_over_step is the same whichever unit, both being steps per second.
 
   python tools/benchmark.py --dataset=folder:../shared/datasets/cifar10 --eval_split='train[90%:]' \
       --resnet_depth=18 --width_multiplier=1 --train_batch_size=128 [--precision=mixed_bfloat16] \
@@ -39,13 +53,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from simclr_tf.config import Config  # noqa: E402
+from simclr_tf.config import SEMI_SUPERVISED_MODES, Config  # noqa: E402
 from simclr_tf.train import trainer  # noqa: E402
 from simclr_tf.train.experiment import Experiment  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train_mode", default="pretrain", choices=TRAIN_MODES,
+                        help="The train mode timed (finetune and distill need a checkpoint: not here).")
+    parser.add_argument("--unlabeled_batch_ratio", type=int, default=7,
+                        help="Semi-supervised modes: unlabeled images per labeled one (mu).")
+    parser.add_argument("--labeled_fraction", type=float, default=0.01,
+                        help="Semi-supervised and supervised modes: the labeled subset of --train_split.")
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="validation", help="Must exist; it is not read.")
@@ -86,10 +106,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "a Python that can run it)")
     if args.original_dir and not (pathlib.Path(args.original_dir) / "run.py").is_file():
         parser.error(f"--original_dir={args.original_dir}: no run.py there; give the original's tf2/ directory")
+    if args.original_dir and args.train_mode != "pretrain":
+        parser.error(f"--original_dir times pretraining only; drop --train_mode={args.train_mode}")
     if args.original_dir and args.profile_dir:
         parser.error("--profile_dir does not go with --original_dir; profile without it")
     return args
 
+
+# Finetune and distill start from a checkpoint, which a throughput tool does not make.
+TRAIN_MODES = ("pretrain", "supervised", *SEMI_SUPERVISED_MODES)
 
 # Settings that are not benchmark options, given explicitly so that the measured
 # configuration does not follow Config's defaults; the same values go to the original
@@ -108,9 +133,11 @@ def benchmark_config(args: argparse.Namespace) -> Config:
         model={"resnet_depth": args.resnet_depth, "width_multiplier": args.width_multiplier,
                "image_size": args.image_size, **FIXED_MODEL},
         data={"dataset": args.dataset, "train_split": args.train_split,
-              "eval_split": args.eval_split, "use_blur": args.use_blur, **FIXED_DATA},
+              "eval_split": args.eval_split, "use_blur": args.use_blur,
+              "labeled_fraction": args.labeled_fraction, **FIXED_DATA},
         optim=FIXED_OPTIM,
-        train={"train_mode": "pretrain", "mode": "train", "train_batch_size": args.train_batch_size,
+        semi={"unlabeled_batch_ratio": args.unlabeled_batch_ratio},
+        train={"train_mode": args.train_mode, "mode": "train", "train_batch_size": args.train_batch_size,
                "train_steps": 10**6, "lineareval_while_pretraining": not args.no_linear_eval,
                "keep_hub_module_max": 0, **FIXED_TRAIN},
         runtime={"precision": args.precision, "jit_compile": args.jit_compile},
@@ -124,11 +151,11 @@ def _seconds(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def pipeline_images_per_second(experiment: Experiment, batch_size: int, steps: int, warmup: int) -> float:
+def pipeline_steps_per_second(experiment: Experiment, steps: int, warmup: int) -> float:
     iterator = iter(experiment.train_dataset())
     for _ in range(warmup):
         next(iterator)
-    return batch_size / _seconds(lambda: next(iterator), steps)
+    return 1.0 / _seconds(lambda: next(iterator), steps)
 
 
 def forward_flops_per_image(model, image_size: int) -> float:
@@ -141,6 +168,64 @@ def forward_flops_per_image(model, image_size: int) -> float:
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     return float(tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops)
+
+
+CONV_OPS = ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter")
+
+
+def conv_flops_by_type(graph) -> dict[str, float]:
+    """2 x multiply-adds of the 2-D convolutions in `graph` (and the functions it calls), by op type.
+
+    Each of the three ops does (output-gradient or output elements) x kh x kw x c_in
+    multiply-adds; shapes must be static (NHWC), as the step's are.
+    """
+    totals = dict.fromkeys(CONV_OPS, 0.0)
+    for op in graph.get_operations():
+        if op.type in ("PartitionedCall", "StatefulPartitionedCall"):  # e.g. the --jit_compile step
+            for op_type, flops in conv_flops_by_type(graph._get_function(op.get_attr("f").name).graph).items():
+                totals[op_type] += flops
+        if op.type not in CONV_OPS:
+            continue
+        # The kernel, and the output (Conv2D) or the output's gradient (the other two).
+        if op.type == "Conv2D":
+            kernel, output = op.inputs[1], op.outputs[0]
+        elif op.type == "Conv2DBackpropInput":
+            kernel, output = op.inputs[1], op.inputs[2]
+        else:
+            kernel, output = op.outputs[0], op.inputs[2]
+        kernel_shape, output_shape = kernel.shape.as_list(), output.shape.as_list()
+        if None in kernel_shape + output_shape:
+            raise ValueError(f"{op.name}: shapes {kernel_shape} / {output_shape} are not static; "
+                             "the step's images cannot be counted")
+        totals[op.type] += 2.0 * math.prod(output_shape) * math.prod(kernel_shape[:3])
+    return totals
+
+
+def images_through_model(step_graph, model, image_size: int) -> tuple[float, float]:
+    """(images the step's forward passes process, images its backward pass goes through).
+
+    Counted as the step's forward (resp. filter-gradient) convolution FLOPs over those of
+    one image's forward pass: a forward-only pass (a teacher) counts once in the first,
+    not in the second; every image fed to the model counts, rotations and views included.
+    """
+    spec = tf.TensorSpec([1, image_size, image_size, 3], tf.float32)
+    one = conv_flops_by_type(tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph)
+    step = conv_flops_by_type(step_graph)
+    return step["Conv2D"] / one["Conv2D"], step["Conv2DBackpropFilter"] / one["Conv2D"]
+
+
+def input_images_per_step(batch) -> int:
+    """Images of every view in a batch: the leading sizes of its (N, H, W, C) tensors."""
+    return sum(int(t.shape[0]) for t in tf.nest.flatten(batch) if t.shape.rank == 4)
+
+
+def step_image_counts(strategy: tf.distribute.Strategy, step_fn, batch, model, image_size: int) -> dict[str, float]:
+    """input / model / trained images per step (see the module docstring), of `step_fn` on `batch`."""
+    one_step = tf.function(lambda b: strategy.run(step_fn, args=(b,)))
+    model_images, trained_images = images_through_model(
+        one_step.get_concrete_function(batch).graph, model, image_size)
+    return {"input_images_per_step": input_images_per_step(batch),
+            "model_images_per_step": model_images, "trained_images_per_step": trained_images}
 
 
 def peak_flops(steps: int) -> dict[str, float]:
@@ -157,7 +242,7 @@ def peak_flops(steps: int) -> dict[str, float]:
     return results
 
 
-def loop_images_per_second(experiment: Experiment, state, batch_size: int, steps: int, warmup: int) -> float:
+def loop_steps_per_second(experiment: Experiment, state, steps: int, warmup: int) -> float:
     """The training loop's own tf.function (metrics, NaN guard), as run.py runs it."""
     _, run_steps = trainer.make_training_loop(experiment, state)
     iterator = iter(experiment.train_dataset())
@@ -166,7 +251,7 @@ def loop_images_per_second(experiment: Experiment, state, batch_size: int, steps
     start = time.perf_counter()
     run_steps(iterator, tf.constant(steps))
     _ = state.optimizer.iterations.numpy()
-    return batch_size * steps / (time.perf_counter() - start)
+    return steps / (time.perf_counter() - start)
 
 
 def run_loop_only(args: argparse.Namespace) -> dict:
@@ -175,7 +260,7 @@ def run_loop_only(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as model_dir:
         experiment = Experiment.create(config, model_dir)
         state = trainer.build_train_state(experiment)
-        loop = loop_images_per_second(experiment, state, batch, args.steps, args.warmup_steps)
+        loop = batch * loop_steps_per_second(experiment, state, args.steps, args.warmup_steps)
     return {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "loop_images_per_second": loop,
@@ -194,7 +279,7 @@ def run(args: argparse.Namespace) -> dict:
         step_fn = trainer.make_train_step(experiment, state)
         strategy = experiment.strategy
 
-        pipeline = pipeline_images_per_second(experiment, batch, args.steps * 3, args.warmup_steps)
+        pipeline = pipeline_steps_per_second(experiment, args.steps * 3, args.warmup_steps)
 
         fixed_batch = next(iter(experiment.train_dataset()))
 
@@ -207,11 +292,12 @@ def run(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         repeated_step(tf.constant(args.steps))
         _ = state.optimizer.iterations.numpy()
-        step_only = batch * args.steps / (time.perf_counter() - start)
+        step_only = args.steps / (time.perf_counter() - start)
 
-        whole_loop = loop_images_per_second(experiment, state, batch, args.steps, args.warmup_steps)
+        whole_loop = loop_steps_per_second(experiment, state, args.steps, args.warmup_steps)
 
         forward = forward_flops_per_image(state.model, config.model.image_size)
+        counts = step_image_counts(strategy, step_fn, fixed_batch, state.model, config.model.image_size)
         top_ops = []
         if args.profile_dir:
             tf.profiler.experimental.start(args.profile_dir)
@@ -219,16 +305,21 @@ def run(args: argparse.Namespace) -> dict:
             _ = state.optimizer.iterations.numpy()
             tf.profiler.experimental.stop()
             top_ops = op_time_by_type(latest_xplane(args.profile_dir), args.top_ops, args.steps)
-    # Training: forward + backward (~2x forward) for each of the two views.
-    train_flops = 3 * 2 * forward
+    # Forward for every image the step feeds the model, backward (~2x forward) for the trained ones.
+    train_flops = forward * (counts["model_images_per_step"] + 2 * counts["trained_images_per_step"])
     peaks = peak_flops(args.steps)
     return {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "pipeline_images_per_second": pipeline,
-        "step_images_per_second": step_only,
-        "loop_images_per_second": whole_loop,
+        "pipeline_images_per_second": batch * pipeline,
+        "step_images_per_second": batch * step_only,
+        "loop_images_per_second": batch * whole_loop,
+        "images_per_step": batch,
+        **counts,
+        "pipeline_input_images_per_second": counts["input_images_per_step"] * pipeline,
+        "step_model_images_per_second": counts["model_images_per_step"] * step_only,
         "forward_gflops_per_image": forward / 1e9,
-        "train_gflops_per_image": train_flops / 1e9,
+        "train_gflops_per_step": train_flops / 1e9,
+        "train_gflops_per_image": train_flops / batch / 1e9,
         "step_gflops_per_second": train_flops * step_only / 1e9,
         "matmul_gflops_per_second": peaks["matmul"] / 1e9,
         "conv3x3_gflops_per_second": peaks["conv3x3"] / 1e9,

@@ -136,3 +136,88 @@ def test_ratios_are_taken_within_a_round_and_medians_over_rounds():
     assert median["float32_over_original"] == pytest.approx(1.5)
     assert median["original"] == pytest.approx({"images_per_second": 30.0, "peak_rss_gb": 3.0})
     assert median["float32"] == pytest.approx({"images_per_second": 50.0, "peak_rss_gb": 2.0})
+
+
+def test_convolution_flops_are_counted_forward_backward_and_inside_calls():
+    import tensorflow as tf
+
+    tool = _tool()
+    kernel = tf.Variable(tf.ones([3, 3, 3, 4]))
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, 2, "SAME"))  # a (2, 4, 4, 4) output
+        return tape.gradient(loss, [x, kernel])
+
+    spec = tf.TensorSpec([2, 8, 8, 3])
+    one_conv = 2.0 * (2 * 4 * 4 * 4) * (3 * 3 * 3)  # output elements x kh kw c_in, x 2
+    expected = {"Conv2D": one_conv, "Conv2DBackpropInput": one_conv, "Conv2DBackpropFilter": one_conv}
+    assert tool.conv_flops_by_type(tf.function(step).get_concrete_function(spec).graph) == expected
+    # The same step compiled (--jit_compile) is a call inside the traced graph.
+    compiled = tf.function(step, jit_compile=True)
+    assert tool.conv_flops_by_type(tf.function(lambda x: compiled(x)).get_concrete_function(spec).graph) == expected
+
+
+def _semi_counts(tool, mode: str, batch_size: int, mu: int) -> dict:
+    import tempfile
+
+    from simclr_tf.train import trainer
+    from simclr_tf.train.experiment import Experiment
+
+    args = tool.parse_args([f"--train_mode={mode}", f"--train_batch_size={batch_size}",
+                            f"--unlabeled_batch_ratio={mu}", "--width_multiplier=0.25", "--image_size=16"])
+    config = tool.benchmark_config(args)
+    with tempfile.TemporaryDirectory() as model_dir:
+        experiment = Experiment.create(config, model_dir)
+        state = trainer.build_train_state(experiment)
+        batch = next(iter(experiment.train_dataset()))
+        return tool.step_image_counts(experiment.strategy, trainer.make_train_step(experiment, state), batch,
+                                      state.model, config.model.image_size)
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        # B = 2 labeled, mu B = 2 unlabeled in one view, each in its 4 rotations, all trained.
+        ("s4l", {"input_images_per_step": 4, "model_images_per_step": 16, "trained_images_per_step": 16}),
+        # Student: labeled + one unlabeled view, trained; the teacher: the other view, forward only.
+        ("mean_teacher", {"input_images_per_step": 6, "model_images_per_step": 6, "trained_images_per_step": 4}),
+    ],
+)
+def test_images_per_step_follow_what_the_step_feeds_the_model(mode, expected):
+    tool = _tool()
+    assert _semi_counts(tool, mode, batch_size=2, mu=1) == pytest.approx(expected)
+
+
+def test_semi_mode_reports_every_figure_with_its_images_per_step(capsys):
+    tool = _tool()
+    tool.main(["--train_mode=fixmatch", "--unlabeled_batch_ratio=2", "--labeled_fraction=0.02",
+               "--resnet_depth=18", "--width_multiplier=0.25", "--image_size=16",
+               "--train_batch_size=4", "--steps=1", "--warmup_steps=1", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 4 labeled (weak) + 2 x 8 unlabeled (weak and strong), all through forward and backward.
+    assert result["images_per_step"] == 4
+    assert result["input_images_per_step"] == 4 + 2 * 8
+    assert result["model_images_per_step"] == pytest.approx(4 + 2 * 8)
+    assert result["trained_images_per_step"] == pytest.approx(4 + 2 * 8)
+    forward = result["forward_gflops_per_image"]
+    assert result["train_gflops_per_step"] == pytest.approx(forward * (20 + 2 * 20))
+    assert result["train_gflops_per_image"] == pytest.approx(result["train_gflops_per_step"] / 4)
+    # Labeled and all-view rates are the same steps per second.
+    assert result["pipeline_input_images_per_second"] == pytest.approx(5 * result["pipeline_images_per_second"])
+    assert result["step_model_images_per_second"] == pytest.approx(5 * result["step_images_per_second"])
+    assert result["pipeline_over_step"] == pytest.approx(
+        result["pipeline_images_per_second"] / result["step_images_per_second"])
+    for key in ("loop_images_per_second", "step_gflops_per_second", "peak_rss_gb"):
+        assert result[key] > 0, key
+    assert result["config"]["train_mode"] == "fixmatch"
+
+
+def test_original_comparison_is_for_pretraining_only(tmp_path, capsys):
+    tool = _tool()
+    (tmp_path / "run.py").write_text("")
+    tool.parse_args([f"--original_dir={tmp_path}", "--original_python=python"])
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--train_mode=fixmatch", f"--original_dir={tmp_path}", "--original_python=python"])
+    assert "--train_mode=fixmatch" in capsys.readouterr().err
