@@ -149,6 +149,9 @@ def resolve_budget(args: argparse.Namespace) -> Budget:
     return dataclasses.replace(base, **overrides)
 
 
+UNLABELED_BATCH_RATIO = 7
+
+
 def base_config(args: argparse.Namespace, budget: Budget):
     from simclr_tf.config import Config
 
@@ -173,6 +176,9 @@ def base_config(args: argparse.Namespace, budget: Budget):
             "log_every_steps": 50,
             "keep_hub_module_max": 0,  # a study: no SavedModel exports
         },
+        # One mu for every method (FixMatch's), so the rows differ only by method; the
+        # image budget keeps their cost equal (S4L's own recipe would use 1).
+        semi={"unlabeled_batch_ratio": UNLABELED_BATCH_RATIO},
         runtime={"use_tpu": args.use_tpu, "tpu_name": args.tpu_name},
     )
 

@@ -79,6 +79,7 @@ class Method:
 
     def after_update(self, model: keras.Model) -> None:
         """Runs in cross-replica context after each applied update (e.g. an EMA)."""
+        return None  # a body AutoGraph can convert (a docstring alone is none)
 
     def eval_model(self, model: keras.Model) -> keras.Model:
         """The model evaluation and export use (e.g. the weight average)."""
