@@ -183,6 +183,9 @@ def _distill_forward(model, batch):
 
 @pytest.mark.parametrize("label_weight", [0.25, 0.75])
 def test_distill_label_weight_and_temperature_reach_the_loss(label_weight, teacher_checkpoint, tmp_path):
+    # A fixed student initialisation: the check below needs the two losses apart, and with
+    # unseeded weights they once came within 10% of each other (fresh-clone CI, 2026-12-02).
+    keras.utils.set_random_seed(0)
     temperature = 2.0
     labels = np.arange(BATCH) % 10
     batch = {"image": _images(BATCH, seed=1), "labeled_image": _images(BATCH, seed=2),
