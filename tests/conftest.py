@@ -13,6 +13,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+import simclr_tf  # noqa: E402,F401  (its TF_ENABLE_ONEDNN_OPTS default must precede TensorFlow)
 import tensorflow as tf  # noqa: E402
 
 _cpus = tf.config.list_physical_devices("CPU")

@@ -51,6 +51,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import simclr_tf  # noqa: E402,F401  (sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 import tensorflow as tf  # noqa: E402
 
 from simclr_tf.config import SEMI_SUPERVISED_MODES, Config  # noqa: E402

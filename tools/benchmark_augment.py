@@ -29,6 +29,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import simclr_tf  # noqa: E402,F401  (sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 import tensorflow as tf  # noqa: E402
 
 from simclr_tf.data import semi_augment  # noqa: E402

@@ -11,6 +11,17 @@ import numpy as np
 import tensorflow as tf
 
 
+def cosine_similarity(query: tf.Tensor, bank: tf.Tensor) -> tf.Tensor:
+    """(Q, B) dot products of L2-normalised float32 rows, rounded to float32.
+
+    Computed in float64: TensorFlow's oneDNN float32 matmul picks its kernel by shape,
+    so a 64-row bank chunk and the whole bank gave different last bits; the float64
+    product of float32 inputs does not depend on the shape.
+    """
+    product = tf.matmul(tf.cast(query, tf.float64), tf.cast(bank, tf.float64), transpose_b=True)
+    return tf.cast(product, tf.float32)
+
+
 def knn_class_scores(
     train_features: np.ndarray,
     train_labels: np.ndarray,
@@ -34,7 +45,7 @@ def knn_class_scores(
         query = tf.math.l2_normalize(
             tf.convert_to_tensor(query_features[start : start + chunk_size], tf.float32), axis=1
         )  # (Q, D)
-        similarity = tf.matmul(query, bank, transpose_b=True)  # (Q, N)
+        similarity = cosine_similarity(query, bank)  # (Q, N)
         top_similarity, top_index = tf.math.top_k(similarity, k=k)  # (Q, k)
         weights = tf.exp(top_similarity / temperature)
         votes = tf.one_hot(tf.gather(bank_labels, top_index), num_classes)  # (Q, k, C)
@@ -158,7 +169,7 @@ class StreamingKnn:
         bank = tf.math.l2_normalize(tf.convert_to_tensor(block), axis=1)  # (B, D)
         bank_labels = tf.convert_to_tensor(block_labels)  # (B,)
         for i, query in enumerate(self._queries):
-            similarity = tf.matmul(query, bank, transpose_b=True)  # (Q, B)
+            similarity = cosine_similarity(query, bank)  # (Q, B)
             # The running best come first: on equal similarity top_k keeps the lower
             # position, i.e. the earlier bank example, as over the whole bank at once.
             candidates = tf.concat([self._top_similarity[i], similarity], axis=1)  # (Q, k' + B)
@@ -187,16 +198,18 @@ class StreamingKnn:
         """Estimated peak of this evaluator's own arrays while the bank streams past.
 
         The normalised queries and their k best (similarity, label), plus a chunk's
-        working set: its batches, their concatenation, the squares and the normalised
-        chunk (4 copies), and a query block's similarities, candidates and labels (4).
+        working set: its batches, their concatenation, the squares, the normalised
+        chunk and its float64 copy (6 float32-sized copies), and a query block's float64
+        copy, float64 and float32 similarities, candidates and labels.
         The final (queries, classes) scores come after the chunks are freed.
         """
         float_bytes = 4
         queries = self.num_queries * self.dim * float_bytes
         best = self.num_queries * self.k * 2 * float_bytes
         chunk_rows = min(self.bank_chunk, self.bank_size)
-        chunk = 4 * chunk_rows * self.dim * float_bytes
-        merge = 4 * min(self.query_chunk, self.num_queries) * (self.k + chunk_rows) * float_bytes
+        chunk = 6 * chunk_rows * self.dim * float_bytes
+        query_rows = min(self.query_chunk, self.num_queries)
+        merge = query_rows * (2 * self.dim + 5 * (self.k + chunk_rows)) * float_bytes
         return queries + best + chunk + merge
 
 
