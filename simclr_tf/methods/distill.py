@@ -79,6 +79,6 @@ class Distill(base.Method):
         labeled = self.experiment.training_batches(
             batch_size, context, subset=self.labeled_subset(), start_example=first, cache=cache
         )
-        return tf.data.Dataset.zip(unlabeled, labeled).map(
+        return tf.data.Dataset.zip(unlabeled, labeled).map(tf.autograph.experimental.do_not_convert(
             lambda u, l: {**u, "labeled_image": l["image"], "labeled_label": l["label"]}
-        )
+        ))

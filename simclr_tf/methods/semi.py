@@ -157,7 +157,7 @@ class SemiSupervised(base.Method):
             cache=cache,
         )
         return tf.data.Dataset.zip(labeled, unlabeled).map(
-            lambda l, u: {**l, "unlabeled_image": u["image"], "unlabeled_label": u["label"]}
+            tf.autograph.experimental.do_not_convert(lambda l, u: {**l, "unlabeled_image": u["image"], "unlabeled_label": u["label"]})
         )
 
     def preview_images(self, batch: base.Batch, count: int) -> tf.Tensor:

@@ -59,7 +59,7 @@ def _supervised_metrics(experiment: Experiment, model: keras.Model) -> dict[str,
         top_1.update_state(outputs["label"], outputs["logits"])
         top_5.update_state(outputs["label"], outputs["logits"])
 
-    run = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)), reduce_retracing=True)
+    run = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)), reduce_retracing=True, autograph=False)
     for batch in _limited(experiment.eval_dataset(experiment.config.data.eval_split), experiment):
         run(batch)
     return {top_1.name: float(top_1.result()), top_5.name: float(top_5.result())}
@@ -136,7 +136,7 @@ def knn_evaluators(experiment: Experiment, model: keras.Model) -> tuple[knn.Stre
         outputs["pixels"] = tf.reshape(tf.cast(images, tf.float32), [tf.shape(images)[0], -1])
         return outputs
 
-    run = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)), reduce_retracing=True)
+    run = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)), reduce_retracing=True, autograph=False)
     options = {"num_classes": experiment.source.num_classes, "k": cfg.train.knn_k,
                "temperature": cfg.train.knn_temperature, "bank_chunk": KNN_BANK_CHUNK}
     learned, pixels = knn.StreamingKnn(**options), knn.StreamingKnn(**options)
@@ -176,6 +176,7 @@ def extract_features(
     run = tf.function(
         lambda batch: strategy.run(lambda b: steps_lib.eval_step(b, model=model), args=(batch,)),
         reduce_retracing=True,
+        autograph=False,
     )
     features, labels = [], []
     batches = experiment.eval_dataset(split)

