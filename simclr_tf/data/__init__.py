@@ -1,6 +1,6 @@
 """Input pipeline: dataset sources, SimCLR augmentations and batched views."""
 
-from simclr_tf.data.augment import preprocess_for_eval, preprocess_for_train
+from simclr_tf.data.augment import Affine, preprocess_for_eval, preprocess_for_train
 from simclr_tf.data.pipeline import build_dataset
 from simclr_tf.data.sources import (
     FolderSource,
@@ -16,6 +16,7 @@ from simclr_tf.data.sources import (
 )
 
 __all__ = [
+    "Affine",
     "FolderSource",
     "LabeledSubset",
     "Mnist5kSource",

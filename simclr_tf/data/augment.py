@@ -12,6 +12,8 @@ Learners" (SimCLRv2), appendix A, and google-research/simclr `tf2/data_util.py`.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
@@ -262,7 +264,70 @@ def random_blur(
     return random_apply(blur, p, image)
 
 
+# --------------------------------------------------------------------------- affine
+
+
+def affine_transform(
+    image: tf.Tensor,
+    *,
+    rotation_degrees: tf.Tensor | float = 0.0,
+    scale: tf.Tensor | float = 1.0,
+    shift: tuple | tf.Tensor = (0.0, 0.0),
+) -> tf.Tensor:
+    """Rotates (counter-clockwise), scales and shifts (x, y pixels) a float (H, W, C) image about its centre.
+
+    One bilinear resample for all three; pixels brought in from outside are 0 (black).
+    """
+    image = to_float(image)
+    size = tf.cast(tf.shape(image)[:2], tf.float32)  # (H, W)
+    centre_y, centre_x = (size[0] - 1) / 2, (size[1] - 1) / 2
+    theta = tf.cast(rotation_degrees, tf.float32) * (math.pi / 180)
+    scale = tf.cast(scale, tf.float32)
+    shift = tf.cast(shift, tf.float32)
+    # The op maps each output pixel to the input pixel it reads: the inverse of
+    # "scale and rotate about the centre, then shift". Image y points down, so a
+    # counter-clockwise rotation on screen has the sign flipped below.
+    cos, sin = tf.cos(theta) / scale, tf.sin(theta) / scale
+    dx, dy = centre_x + shift[0], centre_y + shift[1]
+    transform = tf.stack([
+        cos, -sin, centre_x - (cos * dx - sin * dy),
+        sin, cos, centre_y - (sin * dx + cos * dy),
+        0.0, 0.0,
+    ])
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT",
+    )
+    return out[0]
+
+
+def random_affine(
+    image: tf.Tensor, *, max_rotation_degrees: float, max_scale_change: float, max_shift: float
+) -> tf.Tensor:
+    """`affine_transform` with a rotation, scale and shift (a fraction of the side) drawn uniformly."""
+    side = tf.cast(tf.shape(image)[:2], tf.float32)
+    return affine_transform(
+        image,
+        rotation_degrees=_uniform(-max_rotation_degrees, max_rotation_degrees),
+        scale=_uniform(1 - max_scale_change, 1 + max_scale_change),
+        shift=tf.random.uniform([2], -max_shift, max_shift) * side[::-1],
+    )
+
+
 # --------------------------------------------------------------------------- recipes
+
+
+@dataclasses.dataclass(frozen=True)
+class Affine:
+    """Ranges of `random_affine`: +-degrees, +-relative scale, +-shift as a fraction of the side."""
+
+    rotation_degrees: float = 0.0
+    scale_change: float = 0.0
+    shift: float = 0.0
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self.rotation_degrees or self.scale_change or self.shift)
 
 
 def preprocess_for_train(
@@ -273,18 +338,25 @@ def preprocess_for_train(
     use_blur: bool = False,
     use_flip: bool = True,
     crop_min_area: float = CROP_AREA_RANGE[0],
+    affine: Affine | None = None,
 ) -> tf.Tensor:
     """One random SimCLR view of `image` (uint8 or float, any size) as float32 (S, S, 3) in [0, 1].
 
     Random crop of `crop_min_area`-100% of the area, then a left-right flip with
     probability 1/2 if `use_flip` (both as the original by default; digits and text
-    should not be mirrored); colour distortion if `color_jitter_strength > 0`; blur
-    with kernel `image_size // 10` if `use_blur` (done batch-wise inside the model in
-    the original, per image here).
+    should not be mirrored); a random `affine` (not in the original: small rotations,
+    zooms and shifts, which digits vary by); colour distortion if
+    `color_jitter_strength > 0`; blur with kernel `image_size // 10` if `use_blur`
+    (done batch-wise inside the model in the original, per image here).
     """
     image = random_resized_crop(image, image_size, min_area=crop_min_area)
     if use_flip:
         image = tf.image.random_flip_left_right(image)
+    if affine is not None and affine.is_active:
+        image = random_affine(
+            image, max_rotation_degrees=affine.rotation_degrees, max_scale_change=affine.scale_change,
+            max_shift=affine.shift,
+        )
     if color_jitter_strength > 0:
         image = random_color_distortion(image, color_jitter_strength)
     image = tf.clip_by_value(image, 0.0, 1.0)

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
-from simclr_tf.data.augment import CROP_AREA_RANGE, preprocess_for_eval, preprocess_for_train
+from simclr_tf.data.augment import CROP_AREA_RANGE, Affine, preprocess_for_eval, preprocess_for_train
 from simclr_tf.data.sources import LabeledSubset, Source
 
 # Epoch e's shuffle seed is seed * stride + e + 1: distinct per (seed, epoch), never 0.
@@ -85,6 +85,7 @@ def build_dataset(
     use_blur: bool,
     use_flip: bool = True,
     crop_min_area: float = CROP_AREA_RANGE[0],
+    affine: Affine | None = None,
     view_fns: Sequence[ViewFn] | None = None,
     cache: bool = False,
     input_context: tf.distribute.InputContext | None = None,
@@ -98,8 +99,8 @@ def build_dataset(
     B examples whose labels are `label`, in the same order.
 
     Training: shuffles, repeats forever, drops the last partial batch, and gives each
-    view an independent `preprocess_for_train` draw (`use_flip`, `crop_min_area`
-    passed on). Eval: one ordered pass keeping the
+    view an independent `preprocess_for_train` draw (`use_flip`, `crop_min_area`,
+    `affine` passed on). Eval: one ordered pass keeping the
     last partial batch, with `preprocess_for_eval` (needs `num_views == 1`).
     `batch_size` is per replica; `input_context` selects this input pipeline's shard.
     `cache` keeps the decoded uint8 images in memory (before augmentation).
@@ -174,6 +175,7 @@ def build_dataset(
                     use_blur=use_blur,
                     use_flip=use_flip,
                     crop_min_area=crop_min_area,
+                    affine=affine,
                 )
                 for _ in range(num_views)
             )

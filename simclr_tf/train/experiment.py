@@ -225,6 +225,9 @@ class Experiment:
             use_blur=use_blur,
             use_flip=cfg.data.use_flip,
             crop_min_area=cfg.data.crop_min_area,
+            affine=data_lib.Affine(
+                cfg.data.affine_rotation_degrees, cfg.data.affine_scale_change, cfg.data.affine_shift
+            ),
             view_fns=view_fns,
             cache=cache,
             input_context=context,

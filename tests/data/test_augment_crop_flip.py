@@ -1,4 +1,4 @@
-"""--crop_min_area and --use_flip: measured on views of an image that encodes its coordinates."""
+"""--crop_min_area, --use_flip and --affine_*: measured on views of images whose content is known."""
 
 import numpy as np
 import pytest
@@ -106,10 +106,78 @@ def test_experiment_hands_the_flags_to_the_training_pipeline(monkeypatch, tmp_pa
     experiment = experiment_lib.Experiment.create(config, str(tmp_path))
     experiment.replica_train_dataset(8)
     assert seen["use_flip"] is False and seen["crop_min_area"] == 0.4
+    assert seen["affine"] == augment.Affine(rotation_degrees=15.0, scale_change=0.1, shift=0.1)  # the demo's
+
+    seen.clear()
+    config = config.replace(data={"affine_rotation_degrees": 10.0, "affine_scale_change": 0.0, "affine_shift": 0.0})
+    experiment_lib.Experiment.create(config, str(tmp_path)).replica_train_dataset(8)
+    assert seen["affine"] == augment.Affine(rotation_degrees=10.0, scale_change=0.0, shift=0.0)
+    # Every non-demo run has the original's views: no affine.
+    original = config_lib.Config().data
+    assert not augment.Affine(original.affine_rotation_degrees, original.affine_scale_change, original.affine_shift).is_active
 
 
 @pytest.mark.parametrize("value", [0.0, -0.1, 1.5, float("nan")])
 def test_bad_crop_min_area_names_the_flag(value):
     config = config_lib.Config().replace(data={"crop_min_area": value})
     with pytest.raises(config_lib.FlagError, match="--crop_min_area"):
+        config_lib.validate(config)
+
+
+# --------------------------------------------------------------------------- affine
+
+
+def test_affine_quarter_turn_and_whole_pixel_shift_match_numpy():
+    image = np.random.default_rng(0).random((9, 9, 3)).astype(np.float32)
+    turned = augment.affine_transform(image, rotation_degrees=90.0).numpy()
+    np.testing.assert_allclose(turned, np.rot90(image), atol=1e-5)  # counter-clockwise
+    shifted = augment.affine_transform(image, shift=(2.0, -1.0)).numpy()  # 2 right, 1 up
+    expected = np.zeros_like(image)
+    expected[:-1, 2:] = image[1:, :-2]
+    np.testing.assert_allclose(shifted, expected, atol=1e-5)
+
+
+def test_affine_zoom_out_keeps_the_middle_and_blackens_the_border():
+    # Scale 0.5 about the centre (3.5): output pixel p reads input 3.5 + 2 (p - 3.5),
+    # inside the 8-pixel image only for p in 2..5.
+    out = augment.affine_transform(np.ones((8, 8, 1), np.float32), scale=0.5).numpy()[..., 0]
+    inside = np.zeros(8, bool)
+    inside[2:6] = True
+    np.testing.assert_allclose(out[np.ix_(inside, inside)], 1.0, atol=1e-6)
+    assert out[~inside].max() == 0.0 and out[:, ~inside].max() == 0.0
+
+
+def test_random_affine_stays_within_its_ranges_and_spans_them():
+    side, max_shift = 33, 0.25
+    dot = np.zeros((side, side, 1), np.float32)
+    dot[16, 16] = 1.0  # the centre: rotation and zoom leave it in place, the shift moves it
+    tf.random.set_seed(0)
+    views = np.stack([
+        augment.random_affine(dot, max_rotation_degrees=30.0, max_scale_change=0.2, max_shift=max_shift).numpy()[..., 0]
+        for _ in range(60)
+    ])
+    rows, cols = np.indices((side, side))
+    mass = views.sum((1, 2))
+    centre_y = (views * rows).sum((1, 2)) / mass - 16
+    centre_x = (views * cols).sum((1, 2)) / mass - 16
+    bound = max_shift * side
+    assert np.abs(centre_y).max() <= bound + 0.5 and np.abs(centre_x).max() <= bound + 0.5
+    assert np.ptp(centre_x) > bound and np.ptp(centre_y) > bound
+
+
+def test_preprocess_applies_the_affine_only_when_asked():
+    plain = _views(use_flip=False, crop_min_area=1.0)
+    np.testing.assert_allclose(plain, np.broadcast_to(plain[0], plain.shape), atol=1e-6)  # whole image each time
+    turned = _views(use_flip=False, crop_min_area=1.0, affine=augment.Affine(rotation_degrees=45.0))
+    # Rotations differ from view to view and bring in black corners.
+    assert np.abs(turned - plain).max() > 0.5 and (turned[:, 0, 0, 2] == 0).mean() > 0.5
+
+
+@pytest.mark.parametrize(
+    "field,value", [("affine_rotation_degrees", -1.0), ("affine_scale_change", 1.0), ("affine_shift", 0.6),
+                    ("affine_shift", float("nan"))]
+)
+def test_bad_affine_range_names_the_flag(field, value):
+    config = config_lib.Config().replace(data={field: value})
+    with pytest.raises(config_lib.FlagError, match=f"--{field}"):
         config_lib.validate(config)
