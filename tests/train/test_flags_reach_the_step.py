@@ -118,9 +118,11 @@ def test_temperature_reaches_the_contrastive_loss(pretrain_step):
     projections = step.outputs["proj_head_output"]
     expected = _nt_xent(projections, temperature)
     np.testing.assert_allclose(step.metrics["contrast_loss"], expected, rtol=1e-4)
-    # The two runs' temperatures (0.1, 0.5) give clearly different losses on the same projections.
+    # The other run's temperature (0.1 vs 0.5) would miss the check above by far: its loss on
+    # the same projections differs by 100x its 1e-4 tolerance or more. (How much more depends
+    # on the random initial weights: 4.4% to over 5% measured, so no tighter bound is asserted.)
     other = _nt_xent(projections, 0.6 - temperature)
-    assert abs(other - expected) > 0.05 * expected
+    assert abs(other - expected) > 1e-2 * expected
 
 
 def test_total_loss_is_contrast_plus_linear_eval_plus_weight_decay(pretrain_step):
