@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -46,3 +47,28 @@ def cifar10_root():
     if not (CIFAR10_ROOT / "train").is_dir():
         pytest.skip(f"{CIFAR10_ROOT} not present")
     return CIFAR10_ROOT
+
+
+# The tiny pretraining run of the tests that start run.py in a subprocess (SIGTERM,
+# SIGKILL, model_dir's lock): ResNet-18 x0.25 at 16 px on 64 embedded digits, no export.
+TINY_RUN_FLAGS = {
+    "mode": "train", "train_mode": "pretrain", "dataset": "mnist5k", "train_split": "train[:64]",
+    "eval_split": "validation[:16]", "resnet_depth": 18, "width_multiplier": 0.25, "image_size": 16,
+    "num_proj_layers": 1, "proj_out_dim": 16, "train_batch_size": 16, "use_blur": False,
+    "cache_dataset": True, "warmup_epochs": 0, "log_every_steps": 1, "keep_hub_module_max": 0,
+}
+
+
+def run_py_command(model_dir, **flags) -> list[str]:
+    """`python run.py` of this checkout with TINY_RUN_FLAGS, `flags` added or overriding them."""
+    values = {**TINY_RUN_FLAGS, **flags}
+    return [
+        sys.executable, str(REPO_ROOT / "run.py"), f"--model_dir={model_dir}",
+        *(f"--{name}={str(value).lower() if isinstance(value, bool) else value}" for name, value in values.items()),
+    ]
+
+
+@pytest.fixture
+def tiny_run_command():
+    """`run_py_command`, for test modules (imported by path, they cannot import conftest)."""
+    return run_py_command

@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -16,8 +15,6 @@ from simclr_tf import distribute
 from simclr_tf.config import Config, FlagError, RuntimeConfig
 from simclr_tf.train import model_dir_lock, runner
 from simclr_tf.train.model_dir_lock import ModelDirInUseError
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _write_lock(model_dir, *, host, pid, started="2026-01-01 00:00:00 UTC", token="old"):
@@ -117,22 +114,16 @@ def test_only_the_chief_of_a_multi_worker_run_holds_the_lock(runtime, environ, w
     assert distribute.writes_model_dir(runtime, environ) is writes
 
 
-def _command(model_dir, *extra):
-    return [
-        sys.executable, str(REPO / "run.py"), f"--model_dir={model_dir}", "--mode=train",
-        "--train_mode=pretrain", "--dataset=mnist5k", "--train_split=train[:64]",
-        "--eval_split=validation[:16]", "--resnet_depth=18", "--width_multiplier=0.25",
-        "--image_size=16", "--num_proj_layers=1", "--proj_out_dim=16", "--train_batch_size=16",
-        "--use_blur=false", "--cache_dataset=true", "--log_every_steps=1", "--keep_hub_module_max=0",
-        "--warmup_epochs=0", "--train_steps=100000", "--checkpoint_steps=100000", *extra,
-    ]
+def _long_run(command, model_dir, **flags):
+    # Steps and checkpoints far beyond the test: the run trains until SIGTERM.
+    return command(model_dir, train_steps=100000, checkpoint_steps=100000, **flags)
 
 
 @pytest.mark.slow
-def test_a_second_run_stops_at_once_while_the_first_goes_on(tmp_path):
+def test_a_second_run_stops_at_once_while_the_first_goes_on(tmp_path, tiny_run_command):
     model_dir = tmp_path / "run"
     with open(tmp_path / "first.log", "w+") as log:
-        first = subprocess.Popen(_command(model_dir), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        first = subprocess.Popen(_long_run(tiny_run_command, model_dir), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
         try:
             deadline = time.monotonic() + 600
             while "step 1/100000" not in (tmp_path / "first.log").read_text():
@@ -140,7 +131,7 @@ def test_a_second_run_stops_at_once_while_the_first_goes_on(tmp_path):
                 assert time.monotonic() < deadline, "the first run never logged a step"
                 time.sleep(0.1)
             flags_before = (model_dir / "flags.json").read_text()
-            second = subprocess.run(_command(model_dir, "--learning_rate=0.5"), capture_output=True, text=True,
+            second = subprocess.run(_long_run(tiny_run_command, model_dir, learning_rate=0.5), capture_output=True, text=True,
                                     timeout=600, cwd=tmp_path)
             assert first.poll() is None, "the first run must still be training"
             first.send_signal(signal.SIGTERM)

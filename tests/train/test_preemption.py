@@ -1,11 +1,9 @@
 """SIGTERM saves a checkpoint at the current step and stops; the same command resumes from it."""
 
 import os
-import pathlib
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -13,8 +11,6 @@ import tensorflow as tf
 
 from simclr_tf.config import Config
 from simclr_tf.train import checkpoints, preemption, train_and_evaluate, trainer
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_sigterm_flag_replaces_the_handler_only_while_entered():
@@ -76,16 +72,10 @@ def test_sigterm_between_events_saves_at_that_step_without_export_or_eval(tmp_pa
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def _command(model_dir):
-    return [
-        sys.executable, str(REPO / "run.py"), f"--model_dir={model_dir}", "--mode=train",
-        "--train_mode=pretrain", "--dataset=mnist5k", "--train_split=train[:64]",
-        "--eval_split=validation[:16]", "--resnet_depth=18", "--width_multiplier=0.25",
-        "--image_size=16", "--num_proj_layers=1", "--proj_out_dim=16", "--train_batch_size=16",
-        "--use_blur=false", "--cache_dataset=true", "--optimizer=momentum", "--learning_rate=0.1",
-        "--warmup_epochs=0", "--train_steps=20", "--checkpoint_steps=1000", "--log_every_steps=1",
-        "--keep_checkpoint_max=3", "--keep_hub_module_max=1",
-    ]
+def _command(command, model_dir):
+    # Logs every step, checkpoints only when stopped or at the end, exports at the end.
+    return command(model_dir, optimizer="momentum", learning_rate=0.1, train_steps=20, checkpoint_steps=1000,
+                   keep_checkpoint_max=3, keep_hub_module_max=1)
 
 
 def _stored_iterations(path):
@@ -95,11 +85,11 @@ def _stored_iterations(path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_at_the_current_step_and_the_same_command_resumes(tmp_path):
+def test_sigterm_saves_at_the_current_step_and_the_same_command_resumes(tmp_path, tiny_run_command):
     model_dir = tmp_path / "run"
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
-        first = subprocess.Popen(_command(model_dir), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        first = subprocess.Popen(_command(tiny_run_command, model_dir), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
         try:
             deadline = time.monotonic() + 600
             while not re.search(r"step ([3-9]|\d\d)/20", log_path.read_text()):
@@ -123,7 +113,7 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_resumes(tmp_path
     assert latest == f"{model_dir}/ckpt-{saved_at}" and _stored_iterations(latest) == saved_at
     assert not (model_dir / "saved_model").exists() and not (model_dir / ".lock").exists()
 
-    second = subprocess.run(_command(model_dir), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    second = subprocess.run(_command(tiny_run_command, model_dir), capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Resuming from {model_dir}/ckpt-{saved_at}\n" in second.stderr
     assert f"Resuming at step {saved_at}: the training data continues in epoch {saved_at * 16 // 64}" in second.stderr

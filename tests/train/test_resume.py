@@ -1,10 +1,8 @@
 """Resuming after a crash: the data continues where it was, and a SIGKILLed run finishes on restart."""
 
 import os
-import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -18,8 +16,6 @@ from simclr_tf.data import build_dataset, get_source
 from simclr_tf.data.pipeline import epoch_stream
 from simclr_tf.train import checkpoints, train_and_evaluate, trainer
 from simclr_tf.train.experiment import Experiment
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _deterministic(ds):
@@ -105,15 +101,10 @@ def test_a_resumed_run_reads_the_data_from_the_restored_step(tmp_path, monkeypat
     assert int(state.optimizer.iterations.numpy()) == 3
 
 
-def _command(model_dir):
-    return [
-        sys.executable, str(REPO / "run.py"), f"--model_dir={model_dir}", "--mode=train",
-        "--dataset=mnist5k", "--train_split=train[:64]", "--eval_split=validation[:16]",
-        "--resnet_depth=18", "--width_multiplier=0.25", "--image_size=16", "--num_proj_layers=1",
-        "--proj_out_dim=16", "--train_batch_size=16", "--train_steps=24", "--checkpoint_steps=2",
-        "--log_every_steps=1", "--keep_checkpoint_max=3", "--keep_hub_module_max=0",
-        "--optimizer=momentum", "--learning_rate=0.1", "--warmup_epochs=0",
-    ]
+def _command(command, model_dir):
+    # A checkpoint every 2 steps, the last 3 kept.
+    return command(model_dir, optimizer="momentum", learning_rate=0.1, train_steps=24, checkpoint_steps=2,
+                   keep_checkpoint_max=3)
 
 
 def _step_of(path):
@@ -127,10 +118,10 @@ def _stored_iterations(path):
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_same_final_step(tmp_path):
+def test_sigkilled_run_resumes_to_the_same_final_step(tmp_path, tiny_run_command):
     model_dir = tmp_path / "run"
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(_command(model_dir), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        first = subprocess.Popen(_command(tiny_run_command, model_dir), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
         try:
             # Kill as soon as the first checkpoint is listed, wherever training then is.
             deadline = time.monotonic() + 600
@@ -146,7 +137,7 @@ def test_sigkilled_run_resumes_to_the_same_final_step(tmp_path):
     killed_at = _step_of(tf.train.latest_checkpoint(str(model_dir)))
     assert killed_at < 24
 
-    second = subprocess.run(_command(model_dir), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    second = subprocess.run(_command(tiny_run_command, model_dir), capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Resuming from {model_dir}/ckpt-{killed_at}" in second.stderr
     # 64 examples per epoch, 16 per step.
