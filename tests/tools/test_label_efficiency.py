@@ -22,10 +22,10 @@ def tool():
     return module
 
 
-def _args(tool, output_dir):
+def _args(tool, output_dir, fractions):
     return tool.parse_args([
         "--dataset=mnist5k", "--train_split=train[:200]", "--eval_split=validation[:64]",
-        "--budget=smoke", "--fractions=0.05,0.2", f"--output_dir={output_dir}", "--batch_size=16",
+        "--budget=smoke", f"--fractions={fractions}", f"--output_dir={output_dir}", "--batch_size=16",
         # FixMatch: 2 steps of 4 labeled + 2 x 28 unlabeled digits per run.
         "--methods=fixmatch",
     ])
@@ -35,64 +35,94 @@ def _config(run_dir) -> dict:
     return json.loads((run_dir / "config.json").read_text())
 
 
-@pytest.mark.slow
-def test_smoke_report(tool, tmp_path, capsys, caplog):
-    # On absl's logger: a test run earlier in the same process may have set its level.
-    with caplog.at_level(logging.INFO, logger="absl"):
-        report = tool.label_efficiency(_args(tool, tmp_path))
+ROWS = ["supervised", "finetune", "distill", "fixmatch_scratch", "fixmatch_simclr"]
 
-    rows = ["supervised", "finetune", "distill", "fixmatch_scratch", "fixmatch_simclr"]
-    assert list(report["top_1"]) == list(report["rows"]) == rows
+
+def _check_report(report, out, tags):
+    """The report's rows, cells and files for label fractions `tags` (e.g. "0.05")."""
+    assert list(report["top_1"]) == list(report["rows"]) == ROWS
     for method in report["top_1"].values():
-        assert set(method) == {"0.05", "0.2"}
+        assert set(method) == set(tags)
         assert all(0.0 <= value <= 1.0 for value in method.values())
-    assert set(report["run_seconds"]) == {"pretrain"} | {f"{row}_{tag}" for row in rows for tag in ("0.05", "0.2")}
-    assert json.loads((tmp_path / "report.json").read_text()) == report
-    markdown = (tmp_path / "report.md").read_text()
-    assert markdown.count("| (") == 3 and "5% labels" in markdown and "20% labels" in markdown
+    assert set(report["run_seconds"]) == {"pretrain"} | {f"{row}_{tag}" for row in ROWS for tag in tags}
+    assert json.loads((out / "report.json").read_text()) == report
+    markdown = (out / "report.md").read_text()
+    assert markdown.count("| (") == 3
+    assert all(f"{float(tag):.0%} labels" in markdown for tag in tags)
     assert "| fixmatch (scratch) |" in markdown and "| fixmatch (from SimCLRv2) |" in markdown
-    assert (tmp_path / "report.png").stat().st_size > 1000
+    assert (out / "report.png").stat().st_size > 1000
 
+
+def _check_configs(config_of, out, tags):
+    """Each run's resolved config (`config_of(run name)`): what it starts from and trains on."""
     # FixMatch: from scratch as (a), from (b)'s fine-tuned model as (b); the same labeled
     # subset, split and model; its budget's steps and batch.
-    # Each run's log, in run order (scratch, then from SimCLRv2, per fraction): distill
-    # also starts from the fine-tuned model, so the restore is checked in FixMatch's own log.
-    fixmatch_logs = caplog.text.split("fixmatch on mnist5k")[1:]
-    assert len(fixmatch_logs) == 4
-    for index, tag in enumerate(("0.05", "0.2")):
-        scratch, simclr = _config(tmp_path / f"fixmatch_scratch_{tag}"), _config(tmp_path / f"fixmatch_simclr_{tag}")
-        supervised, finetune = _config(tmp_path / f"supervised_{tag}"), _config(tmp_path / f"finetune_{tag}")
+    for tag in tags:
+        scratch, simclr = config_of(f"fixmatch_scratch_{tag}"), config_of(f"fixmatch_simclr_{tag}")
+        supervised, finetune = config_of(f"supervised_{tag}"), config_of(f"finetune_{tag}")
         for config, like in ((scratch, supervised), (simclr, finetune)):
             assert config["train"]["train_mode"] == "fixmatch"
             assert config["data"] == like["data"] and config["model"] == like["model"]
             assert (config["train"]["train_steps"], config["train"]["train_batch_size"]) == (2, 4)
         assert scratch["train"]["checkpoint"] is None
-        assert simclr["train"]["checkpoint"] == str(tmp_path / f"finetune_{tag}")
-        scratch_log, simclr_log = fixmatch_logs[2 * index], fixmatch_logs[2 * index + 1]
-        assert "training from scratch" in scratch_log and "Initialised from" not in scratch_log
-        # The run restored the fine-tuned weights, classifier included.
-        initialised = f"Initialised from {tmp_path / f'finetune_{tag}' / 'ckpt-4'}: restored"
-        assert initialised in simclr_log
-        summary = simclr_log.split(initialised)[1].splitlines()[0]  # "N variables: backbone (..), ..."
-        assert "backbone" in summary and "supervised_head" in summary
+        assert simclr["train"]["checkpoint"] == str(out / f"finetune_{tag}")
+        # Finetune starts from the pretraining run, on its fraction of the labels, from the
+        # first projection layer; distill from (and with) the finetuned teacher.
+        assert finetune["train"]["checkpoint"] == str(out / "pretrain")
+        assert finetune["data"]["labeled_fraction"] == float(tag)
+        assert finetune["model"]["ft_proj_selector"] == 1
+        distill = config_of(f"distill_{tag}")
+        assert distill["distill"]["teacher_checkpoint"] == str(out / f"finetune_{tag}")
+        assert distill["train"]["checkpoint"] == str(out / f"finetune_{tag}")
+    assert not config_of("pretrain")["train"]["lineareval_while_pretraining"]
 
-    # Finetune starts from the pretraining run; distill from (and with) the finetuned teacher.
-    distill_config = json.loads((tmp_path / "distill_0.05" / "config.json").read_text())
-    assert distill_config["distill"]["teacher_checkpoint"] == str(tmp_path / "finetune_0.05")
-    assert distill_config["train"]["checkpoint"] == str(tmp_path / "finetune_0.05")
-    assert json.loads((tmp_path / "finetune_0.05" / "config.json").read_text())["train"]["checkpoint"] == str(
-        tmp_path / "pretrain"
-    )
-    finetune_config = json.loads((tmp_path / "finetune_0.2" / "config.json").read_text())
-    assert finetune_config["data"]["labeled_fraction"] == 0.2
-    assert finetune_config["model"]["ft_proj_selector"] == 1
-    assert not json.loads((tmp_path / "pretrain" / "config.json").read_text())["train"]["lineareval_while_pretraining"]
+
+@pytest.mark.slow
+def test_smoke_report(tool, tmp_path, capsys, caplog):
+    # The real runs at one label fraction (6 runs): every row kind once.
+    # test_every_fraction_gets_its_runs_cells_and_columns checks two fractions without training.
+    # On absl's logger: a test run earlier in the same process may have set its level.
+    with caplog.at_level(logging.INFO, logger="absl"):
+        report = tool.label_efficiency(_args(tool, tmp_path, "0.05"))
+
+    _check_report(report, tmp_path, ["0.05"])
+    _check_configs(lambda name: _config(tmp_path / name), tmp_path, ["0.05"])
+    # Each run's log, in run order (scratch, then from SimCLRv2): distill also starts from
+    # the fine-tuned model, so the restore is checked in FixMatch's own log.
+    scratch_log, simclr_log = caplog.text.split("fixmatch on mnist5k")[1:]
+    assert "training from scratch" in scratch_log and "Initialised from" not in scratch_log
+    # The run restored the fine-tuned weights, classifier included.
+    initialised = f"Initialised from {tmp_path / 'finetune_0.05' / 'ckpt-4'}: restored"
+    assert initialised in simclr_log
+    summary = simclr_log.split(initialised)[1].splitlines()[0]  # "N variables: backbone (..), ..."
+    assert "backbone" in summary and "supervised_head" in summary
 
     # A second call reuses every finished run.
     capsys.readouterr()
-    again = tool.label_efficiency(_args(tool, tmp_path))
+    again = tool.label_efficiency(_args(tool, tmp_path, "0.05"))
     assert again["top_1"] == report["top_1"]
-    assert capsys.readouterr().out.count("reusing") == 11
+    assert capsys.readouterr().out.count("reusing") == 6
+
+
+def test_every_fraction_gets_its_runs_cells_and_columns(tool, tmp_path, monkeypatch):
+    # Two label fractions, each run replaced by one that records its config and returns a
+    # top-1 of its own: the report must put each run's result in its row and column.
+    configs, top_1 = {}, {}
+
+    def fake_run(config, model_dir):
+        name = pathlib.Path(model_dir).name
+        assert name not in configs, f"{name} ran twice"
+        configs[name] = json.loads(config.to_json())
+        top_1[name] = len(top_1) / 100
+        return {"eval/label_top_1_accuracy": top_1[name], "eval/knn_top_1_accuracy": 0.5, "seconds": 60.0}
+
+    monkeypatch.setattr(tool, "run", fake_run)
+    report = tool.label_efficiency(_args(tool, tmp_path, "0.05,0.2"))
+    tags = ["0.05", "0.2"]
+    assert set(configs) == {"pretrain"} | {f"{row}_{tag}" for row in ROWS for tag in tags}
+    assert report["top_1"] == {row: {tag: top_1[f"{row}_{tag}"] for tag in tags} for row in ROWS}
+    _check_report(report, tmp_path, tags)
+    _check_configs(configs.__getitem__, tmp_path, tags)
 
 
 def test_budget_overrides(tool):
