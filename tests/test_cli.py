@@ -68,6 +68,14 @@ def test_recipes_parse_and_validate(recipe, monkeypatch):
     config_lib.validate(config)
 
 
+def test_the_demo_recipe_spells_out_the_bare_run(monkeypatch):
+    # flags/mnist5k_default.cfg says it is the bare `python run.py`: a value changed in
+    # DEMO_DEFAULTS but not in the file (or the reverse) makes them two runs.
+    monkeypatch.chdir(REPO)
+    from_file = cli.config_from_flags(_parsed(f"--flagfile={REPO / 'flags' / 'mnist5k_default.cfg'}"))
+    assert from_file == config_lib.Config.demo()
+
+
 def test_help_lists_simclr_flags():
     # absl exits with status 1 after printing --help.
     out = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], capture_output=True, text=True,
@@ -126,7 +134,7 @@ def test_a_model_dir_of_another_run_is_refused_and_left_untouched(tmp_path):
     message = _usage_error(f"--model_dir={tmp_path}", "--train_mode=supervised", "--image_size=64", *TINY_FLAGS)
     assert message.startswith(f"--model_dir={tmp_path} holds checkpoints of another run")
     for difference in ("--train_mode=pretrain there, supervised here", "--resnet_depth=50 there, 18 here",
-                       "--image_size=32 there, 64 here"):
+                       f"--image_size={config_lib.Config.demo().model.image_size} there, 64 here"):
         assert difference in message
     assert "Use a new --model_dir, or that run's flags to resume it." in message
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no flags.json, config.json unchanged

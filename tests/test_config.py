@@ -71,4 +71,4 @@ def test_defaults_are_valid():
     config_lib.validate(Config.demo())
     for width in (0.25, 0.5, 1.0, 2.0, 3.0):
         config_lib.validate(Config.demo().replace(model={"width_multiplier": width}))
-    assert dataclasses.asdict(Config.demo())["model"]["image_size"] == 32
+    assert dataclasses.asdict(Config.demo())["model"]["image_size"] == 16
