@@ -32,6 +32,8 @@ import keras
 from keras import ops
 import tensorflow as tf
 
+from simclr_tf.models.global_batch_norm import GlobalBatchNormalization
+
 BATCH_NORM_EPSILON = 1e-5
 SK_MIN_DIM = 32
 
@@ -146,7 +148,8 @@ class BatchNormRelu(keras.layers.Layer):
         center, scale: as `keras.layers.BatchNormalization`.
         batch_norm_decay: momentum of the moving statistics.
         global_bn: synchronise batch statistics over replicas
-            (`BatchNormalization(synchronized=True)`).
+            (`GlobalBatchNormalization`: Keras' `synchronized=True`, with the replicas'
+            reductions paired by layer).
     """
 
     def __init__(
@@ -169,7 +172,7 @@ class BatchNormRelu(keras.layers.Layer):
         self.global_bn = global_bn
         # Named `batch_normalization` so paths match both `batch_norm` and the original
         # optimizer's `batch_normalization` exclusion pattern.
-        self.bn = keras.layers.BatchNormalization(
+        self.bn = GlobalBatchNormalization(
             axis=-1,
             momentum=batch_norm_decay,
             epsilon=BATCH_NORM_EPSILON,
