@@ -10,6 +10,7 @@ variables and the batch-norm moving statistics (global BN on), on every replica.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -145,9 +146,11 @@ def assert_same_variables(single, distributed, strategy, what: str, tolerance: f
 
 # The semi-supervised steps reduce over 5x larger batches (B + 2 mu B rows) and are
 # held to SEMI_TOLERANCE, still 10x below what per-replica batch norm gives (the control
-# test below). Differences of 1e-3..2e-1 in about 1 run in 10 (and S4L's ~1e-3 everywhere)
-# were replicas summing different layers' batch-norm gradients together, fixed by
-# simclr_tf/models/global_batch_norm.py (tests/models/test_global_batch_norm.py).
+# test below). The initial weights are seeded: for a few random initialisations the two
+# sides differ by more, deterministically, while the same step on the batch in another
+# order differs by ~1e-6 (so it is not summation order): mean_teacher by up to 0.17
+# (1 init in 12), S4L by 1.6e-3 (1 in 7), the other modes not in 4-12 inits each. The
+# cause is open (issue 11's note); test_known_mean_teacher_discrepancy keeps one such init.
 SEMI_TOLERANCE = 1e-3
 
 
@@ -208,3 +211,21 @@ def test_the_comparison_detects_per_replica_batch_norm(tmp_path, two_cpu_strateg
     assert not dist.model.global_bn
     differences = max_difference(single.model.trainable_variables, dist.model.trainable_variables, two_cpu_strategy)
     assert max(differences.values()) > 100 * TOLERANCE
+
+
+@pytest.mark.xfail(reason="open: for this initialisation mean_teacher's two-replica step differs from the "
+                          "one-replica step by up to 0.17 of a variable's scale (see SEMI_TOLERANCE)", strict=False)
+def test_known_mean_teacher_discrepancy(tmp_path, two_cpu_strategy):
+    # The initialisation found by seeding 9 before building the teacher, then the step's model.
+    keras.utils.set_random_seed(9)
+    teacher = models.build_model(tiny_config("finetune", "unused").model, num_classes=10,
+                                 drop_unused_projection_layers=True)
+    checkpoint = tf.train.Checkpoint(model=teacher).write(str(tmp_path / "teacher" / "ckpt-1"))
+    config = tiny_config("mean_teacher", checkpoint)
+    default = tf.distribute.get_strategy()
+    batch = random_batch(Experiment.create(config, str(tmp_path / "data"), default)
+                         .replica_train_dataset(GLOBAL_BATCH).element_spec)
+    single, initial, _ = one_step(config, tmp_path / "single", default, batch)
+    dist, _, _ = one_step(config, tmp_path / "mirrored", two_cpu_strategy, batch, weights=initial)
+    assert_same_variables(single.model.trainable_variables, dist.model.trainable_variables,
+                          two_cpu_strategy, "weights", SEMI_TOLERANCE)
