@@ -146,6 +146,7 @@ def _method_state(method) -> list:
     return list(state.variables) if state is not None else []
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_same_batches_and_average(tmp_path):
     config = tiny_config("fixmatch")
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"

@@ -1,18 +1,26 @@
-"""BatchNormRelu's fused kernel: the same numbers as NumPy and as the Keras layer it replaces.
+"""The fused batch-norm kernel: the same numbers as NumPy and as the Keras layer it replaces.
 
 `global_bn=True` on one replica runs Keras's own (synchronized) BatchNormalization, so it
 is the reference for gradients; NumPy is the reference for outputs and moving statistics.
+BatchNormRelu uses the fused kernel only without oneDNN (`resnet.USE_FUSED_BATCH_NORM`);
+the tests force it on, so it is checked whichever way TensorFlow runs here.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.models import build_model
+from simclr_tf.models import build_model, resnet
 from simclr_tf.config import ModelConfig
 from simclr_tf.models.resnet import BATCH_NORM_EPSILON, BatchNormRelu
 
 MOMENTUM = 0.9
+
+
+@pytest.fixture(autouse=True)
+def fused_kernel(monkeypatch):
+    monkeypatch.setattr(resnet, "USE_FUSED_BATCH_NORM", not resnet.onednn_enabled())
 
 
 def _pair(shape, **kwargs):
@@ -93,3 +101,37 @@ def test_mixed_bfloat16_model_stays_in_bfloat16_and_matches_the_keras_path():
     np.testing.assert_allclose(
         tf.cast(fused, tf.float32).numpy(), tf.cast(keras_path, tf.float32).numpy(), rtol=0.05, atol=0.05
     )
+
+
+def _resnet_gradients(model, images, labels):
+    @tf.function  # traced anew per call: the fused/Keras choice is made while tracing
+    def gradients():
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)["logits_sup"][: len(labels)]
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        return tape.gradient(loss, model.trainable_variables)
+
+    return [g.numpy() for g in gradients()]
+
+
+@pytest.mark.parametrize("seed", [5, 8])
+def test_resnet_gradients_match_keras_batch_norm_whichever_path_the_layer_takes(seed, monkeypatch):
+    # Under oneDNN, a graph with the fused kernel got gradients off by 1.5e-4 (seed 5) and
+    # 2.4e-3 (seed 8) of a variable's scale on this model, the loss on the first 8 of 24
+    # images (as a semi-supervised step's labeled part), Keras' path ~5e-6 from itself
+    # computed otherwise. The layer's own choice must give Keras' gradients.
+    monkeypatch.setattr(resnet, "USE_FUSED_BATCH_NORM", not resnet.onednn_enabled())
+    config = ModelConfig(resnet_depth=18, width_multiplier=0.25, image_size=16, num_proj_layers=2)
+    keras.utils.set_random_seed(seed)
+    model = build_model(config, num_classes=10, global_bn=False, drop_unused_projection_layers=True)
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0.3, 1.0, 24, dtype="float32")[:, None, None, None]
+    images = tf.constant(rng.uniform(size=(24, 16, 16, 3)).astype("float32") * ramp)
+    labels = tf.constant(rng.integers(0, 10, 8))
+    initial = model.get_weights()
+    chosen = _resnet_gradients(model, images, labels)
+    model.set_weights(initial)  # the step moved the moving statistics
+    monkeypatch.setattr(resnet, "USE_FUSED_BATCH_NORM", False)
+    reference = _resnet_gradients(model, images, labels)
+    errors = [np.abs(a - b).max() / max(np.abs(b).max(), 1e-12) for a, b in zip(chosen, reference)]
+    assert max(errors) < 5e-5

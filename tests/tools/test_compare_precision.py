@@ -55,6 +55,7 @@ def test_needs_two_float32_runs():
         tool.parse_args(["--precisions=mixed_bfloat16,mixed_float16"])
 
 
+@pytest.mark.slow
 def test_tiny_report_reads_the_runs_event_files(tmp_path):
     tool = _tool()
     argv = ["--dataset=mnist5k", "--train_split=train[:64]", "--eval_split=validation[:32]", "--steps=2",

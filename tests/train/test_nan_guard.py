@@ -100,6 +100,7 @@ def test_nan_gradient_with_a_finite_loss_is_caught_too(tmp_path):
     _check_stopped_at_bad_step(error, state, tmp_path, ("a gradient",))
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_replica_stops_every_replica(tmp_path, two_cpu_strategy):
     experiment = _experiment(tmp_path, two_cpu_strategy)
     # The replicas take the batches in turn: this one is half of step 5.

@@ -122,6 +122,7 @@ def test_mixed_bfloat16_run_trains_evaluates_and_resumes(tmp_path):
     assert state.restore_report.source == "model_dir"
 
 
+@pytest.mark.slow
 def test_jit_compiled_step_runs_inside_the_training_loop(tmp_path):
     # The compiled step is called through strategy.run inside the loop's tf.function,
     # which traces it differently from a direct call.

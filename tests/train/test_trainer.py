@@ -260,6 +260,7 @@ def test_non_finite_loss_stops_without_checkpointing(tmp_path):
     assert latest is None or int(latest.rsplit("-", 1)[1]) < 3
 
 
+@pytest.mark.slow
 def test_pretrain_step_under_two_replicas(tmp_path, two_cpu_strategy):
     config = tiny_config(train={"mode": "train"}, model={"global_bn": True})
     train_and_evaluate(config, str(tmp_path), strategy=two_cpu_strategy)
