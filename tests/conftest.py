@@ -31,18 +31,6 @@ CIFAR10_ROOT = REPO_ROOT.parent / "shared" / "datasets" / "cifar10"
 FIXTURES_ROOT = REPO_ROOT.parent / "shared" / "fixtures" / "original_tf2"
 
 
-def pytest_collection_modifyitems(config, items):
-    """Runs the modules that hold a slow test first, each module's tests still together.
-
-    With `-n 2`, xdist hands out tests one at a time (`--maxschedchunk=1` in setup.cfg)
-    in this order: the long tests start early on both workers and the many short ones
-    fill in at the end, rather than one worker running the last long test alone. A
-    module stays contiguous so its module-scoped fixtures are built once per worker.
-    """
-    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_modules)  # stable: order within kept
-
-
 @pytest.fixture
 def two_cpu_strategy():
     """MirroredStrategy over the two logical CPUs configured above."""
