@@ -125,7 +125,7 @@ flags.DEFINE_integer("num_proj_layers", _d.model.num_proj_layers, "Number of lay
 flags.DEFINE_integer("ft_proj_selector", _d.model.ft_proj_selector, "Projection-head layer whose output feeds the supervised head: 0 = no projection layer (backbone features), k = after the first k layers, -1 = the last layer.")
 flags.DEFINE_bool("global_bn", _d.model.global_bn, "Aggregate batch-norm statistics across replicas.")
 flags.DEFINE_float("width_multiplier", _d.model.width_multiplier, "Width multiplier of the ResNet: 1, 2, 3, ... or 0.25 / 0.5 for small runs.")
-flags.DEFINE_integer("resnet_depth", _d.model.resnet_depth, "Depth of the ResNet: 18, 34, 50, 101, 152 or 200.")
+flags.DEFINE_integer("resnet_depth", _d.model.resnet_depth, "Depth of the ResNet: 18, 34, 50, 101, 152 or 200 (the original's), or 10 (one basic block per group).")
 flags.DEFINE_float("sk_ratio", _d.model.sk_ratio, "If bigger than 0, use selective kernels. Recommendation: 0.0625.")
 flags.DEFINE_float("se_ratio", _d.model.se_ratio, "If bigger than 0, use squeeze-and-excitation.")
 flags.DEFINE_float("batch_norm_decay", _d.model.batch_norm_decay, "Batch norm decay (moving-average momentum).")

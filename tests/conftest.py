@@ -50,10 +50,10 @@ def cifar10_root():
 
 
 # The tiny pretraining run of the tests that start run.py in a subprocess (SIGTERM,
-# SIGKILL, model_dir's lock): ResNet-18 x0.25 at 16 px on 64 embedded digits, no export.
+# SIGKILL, model_dir's lock): ResNet-10 x0.25 at 16 px on 64 embedded digits, no export.
 TINY_RUN_FLAGS = {
     "mode": "train", "train_mode": "pretrain", "dataset": "mnist5k", "train_split": "train[:64]",
-    "eval_split": "validation[:16]", "resnet_depth": 18, "width_multiplier": 0.25, "image_size": 16,
+    "eval_split": "validation[:16]", "resnet_depth": 10, "width_multiplier": 0.25, "image_size": 16,
     "num_proj_layers": 1, "proj_out_dim": 16, "train_batch_size": 16, "use_blur": False,
     "cache_dataset": True, "warmup_epochs": 0, "log_every_steps": 1, "keep_hub_module_max": 0,
 }

@@ -168,7 +168,7 @@ def test_run_py_names_an_unreadable_image_in_one_line(tmp_path):
     broken = tmp_path / "data" / "train" / "b" / "broken.jpg"
     broken.write_bytes(b"<html>404</html>")
     command = [sys.executable, str(REPO / "run.py"), f"--model_dir={tmp_path}/run", f"--dataset=folder:{tmp_path}/data",
-               "--train_steps=2", "--train_batch_size=4", "--image_size=8", "--resnet_depth=18", "--width_multiplier=0.25"]
+               "--train_steps=2", "--train_batch_size=4", "--image_size=8", "--resnet_depth=10", "--width_multiplier=0.25"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 1
     last_line = completed.stderr.strip().splitlines()[-1]
@@ -189,7 +189,7 @@ def test_runs_keep_keras_optional_imports_out_and_still_train(dataset, kept_out)
         "from simclr_tf.models import build_model\n"
         "from simclr_tf.config import ModelConfig\n"
         "assert get_source('mnist5k').num_examples('train') == 4000\n"
-        "model = build_model(ModelConfig(resnet_depth=18, width_multiplier=0.25, image_size=16), num_classes=10)\n"
+        "model = build_model(ModelConfig(resnet_depth=10, width_multiplier=0.25, image_size=16), num_classes=10)\n"
         "model(tf.zeros([2, 16, 16, 3]), training=True)\n"
         "print(sorted(m for m in cli.OPTIONAL_IMPORTS_UNUSED_BY_RUNS if m in sys.modules and sys.modules[m] is None))\n"
     )

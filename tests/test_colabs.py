@@ -28,7 +28,7 @@ NOTEBOOKS = sorted(_generator().NOTEBOOKS)
 def original_checkpoint(tmp_path_factory):
     """A tiny model with a 10-class head (freshly initialised), as a released SavedModel of
     the original holds it: its variables, and a graph telling which hidden the head reads."""
-    model = SimCLRModel(10, resnet_depth=18, width_multiplier=0.25, cifar_stem=True, proj_out_dim=16)
+    model = SimCLRModel(10, resnet_depth=10, width_multiplier=0.25, cifar_stem=True, proj_out_dim=16)
     model.build((None, 32, 32, 3))
     directory = tmp_path_factory.mktemp("original")
     convert.save_as_original_saved_model(model, str(directory / "saved_model"))

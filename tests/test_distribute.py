@@ -222,7 +222,7 @@ def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
     script.write_text(WORKER)
     model_dir = tmp_path / "model"
     config = Config.demo().replace(
-        model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 1,
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 1,
                "global_bn": True},
         data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:16]"},
         optim={"warmup_epochs": 0},
@@ -273,7 +273,7 @@ def test_sigterm_to_one_worker_makes_all_save_at_one_step_and_only_the_chief_loc
     command = [
         sys.executable, str(REPO / "run.py"), f"--model_dir={model_dir}", "--mode=train",
         "--train_mode=pretrain", "--dataset=mnist5k", "--train_split=train[:64]",
-        "--eval_split=validation[:16]", "--resnet_depth=18", "--width_multiplier=0.25", "--image_size=16",
+        "--eval_split=validation[:16]", "--resnet_depth=10", "--width_multiplier=0.25", "--image_size=16",
         "--num_proj_layers=1", "--proj_out_dim=16", "--train_batch_size=8", "--use_blur=false",
         "--cache_dataset=true", "--warmup_epochs=0", "--train_steps=1000", "--checkpoint_steps=1000",
         "--log_every_steps=1", "--keep_hub_module_max=0", "--strategy=auto",

@@ -15,7 +15,7 @@ from simclr_tf.train import checkpoints, train_and_evaluate
 
 
 LR = 0.002  # plain SGD on distinct (large) random weights
-TINY = dict(resnet_depth=18, width_multiplier=0.25, cifar_stem=True, proj_out_dim=8, num_proj_layers=2)
+TINY = dict(resnet_depth=10, width_multiplier=0.25, cifar_stem=True, proj_out_dim=8, num_proj_layers=2)
 
 
 def _images(n=6, size=16, seed=0):
@@ -127,7 +127,7 @@ def test_a_failed_export_leaves_the_previous_one_and_no_partial_directory(tmp_pa
 
 def test_training_run_exports_its_final_model(tmp_path):
     config = Config.demo().replace(
-        model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 32, "proj_out_dim": 8},
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 32, "proj_out_dim": 8},
         data={"dataset": "mnist5k", "train_split": "train[:32]"},
         train={"mode": "train", "train_steps": 2, "train_batch_size": 16, "keep_hub_module_max": 1},
     )

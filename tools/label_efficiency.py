@@ -71,7 +71,7 @@ class Budget:
 
 BUDGETS = {
     # Seconds, for tests.
-    "smoke": Budget(18, 0.25, 32, 1, 4, 1, method_batch_size=4, method_images=120),
+    "smoke": Budget(10, 0.25, 32, 1, 4, 1, method_batch_size=4, method_images=120),
     # method_images: <= 20 minutes a run on 2 CPU cores at up to ~2.6 ms an image, plus
     # ~1 min of start-up and evaluation: 833 FixMatch steps, 391 of S4L. A FixMatch step
     # here took 1.2-1.9 s (2.6-4 ms an image) with other jobs on the cores; pretraining

@@ -26,9 +26,9 @@ BATCH = 4  # labeled; unlabeled: 2 x 4
 
 
 def tiny_config(train_mode: str, **sections) -> Config:
-    """ResNet-18 x0.25 at 16 px, 4 labeled + 8 unlabeled digits a step, 2 steps."""
+    """ResNet-10 x0.25 at 16 px, 4 labeled + 8 unlabeled digits a step, 2 steps."""
     config = Config.demo().replace(
-        model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 2},
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 2},
         data={"dataset": "mnist5k", "train_split": "train[:48]", "eval_split": "validation[:16]",
               "labeled_per_class": 1},
         optim={"optimizer": "lars", "learning_rate": 1.0, "warmup_epochs": 0},
@@ -120,17 +120,11 @@ def test_a_step_from_scratch_never_reads_unlabeled_labels_and_moves_the_average(
     assert float(loss) == float(corrupted_loss)
     model.set_weights(weights)
 
-    # One update, then the average: decay 0.5 puts it halfway.
+    # One update, then the average: decay 0.5 puts it halfway. Eagerly: the test above
+    # runs each mode's step traced, inside the training loop.
     before = [w.numpy().copy() for w in model.trainable_weights]
-    step_fn = trainer.make_train_step(experiment, state)
-
-    @tf.function
-    def step(batch):
-        values = step_fn(batch)
-        method.after_update(model)
-        return values
-
-    values = step(batch)
+    values = trainer.make_train_step(experiment, state)(batch)
+    method.after_update(model)
     assert np.isfinite(float(values["total_loss"]))
     after = [w.numpy() for w in model.trainable_weights]
     assert max(np.abs(a - b).max() for a, b in zip(after, before)) > 0
@@ -186,7 +180,7 @@ def _run(config: Config, model_dir, steps: int, weights) -> dict:
 
 
 def test_weight_average_matches_numpy():
-    config = config_lib.ModelConfig(resnet_depth=18, width_multiplier=0.25, image_size=16, num_proj_layers=1)
+    config = config_lib.ModelConfig(resnet_depth=10, width_multiplier=0.25, image_size=16, num_proj_layers=1)
 
     def build():
         return models.build_model(config, num_classes=3, drop_unused_projection_layers=True)

@@ -136,6 +136,9 @@ def test_hand_count_of_tiny_resnet18_from_arithmetic():
         cin = f
     assert stem + groups == 700_464  # worked out by hand as well
     assert backbone_param_count(18, 0.25, image_size=32, trainable_only=True) == 700_464
+    # Depth 10 (ours, one block per group) is depth 18 without each group's second block.
+    seconds = sum(2 * (9 * f * f + 2 * f) for f in (16, 32, 64, 128))
+    assert backbone_param_count(10, 0.25, image_size=32, trainable_only=True) == 700_464 - seconds == 307_824
 
 
 def test_parameter_counts_parts_add_up():

@@ -22,7 +22,7 @@ def _tool():
 def test_benchmark_reports_every_figure_and_profiles_the_costly_op_types(tmp_path, capsys):
     # One run for both (each costs ~20 s of tracing).
     tool = _tool()
-    tool.main(["--resnet_depth=18", "--width_multiplier=0.25", "--image_size=16",
+    tool.main(["--resnet_depth=10", "--width_multiplier=0.25", "--image_size=16",
                "--train_batch_size=8", "--steps=1", "--warmup_steps=1", "--json",
                f"--profile_dir={tmp_path}", "--top_ops=50"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -93,7 +93,7 @@ def test_side_by_side_with_a_fake_original(tmp_path, capsys):
     original_dir = tmp_path / "tf2"
     original_dir.mkdir()
     (original_dir / "run.py").write_text(FAKE_ORIGINAL)
-    tool.main(["--resnet_depth=18", "--width_multiplier=0.25", "--image_size=16", "--train_batch_size=8",
+    tool.main(["--resnet_depth=10", "--width_multiplier=0.25", "--image_size=16", "--train_batch_size=8",
                "--steps=2", "--warmup_steps=2", "--precisions=float32", "--original_mock_examples=96",
                f"--original_dir={original_dir}", f"--original_python={sys.executable}", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -106,7 +106,7 @@ def test_side_by_side_with_a_fake_original(tmp_path, capsys):
     assert result["median"]["float32_over_original"] == pytest.approx(row["float32_over_original"])
     # The original got our configuration, logging every gcd(warmup, steps) steps, on mock data.
     seen = json.loads((original_dir / "seen.json").read_text())
-    expected = {"resnet_depth": "18", "width_multiplier": "0.25", "image_size": "16", "train_batch_size": "8",
+    expected = {"resnet_depth": "10", "width_multiplier": "0.25", "image_size": "16", "train_batch_size": "8",
                 "optimizer": "lars", "use_blur": "false", "lineareval_while_pretraining": "true",
                 "train_steps": "4", "checkpoint_steps": "2", "dataset": "cifar10", "train_mode": "pretrain"}
     assert {k: seen[k] for k in expected} == expected
@@ -192,7 +192,7 @@ def test_images_per_step_follow_what_the_step_feeds_the_model(mode, expected):
 def test_semi_mode_reports_every_figure_with_its_images_per_step(capsys):
     tool = _tool()
     tool.main(["--train_mode=fixmatch", "--unlabeled_batch_ratio=2", "--labeled_fraction=0.02",
-               "--resnet_depth=18", "--width_multiplier=0.25", "--image_size=16",
+               "--resnet_depth=10", "--width_multiplier=0.25", "--image_size=16",
                "--train_batch_size=4", "--steps=1", "--warmup_steps=1", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # 4 labeled (weak) + 2 x 8 unlabeled (weak and strong), all through forward and backward.

@@ -58,7 +58,7 @@ def test_needs_two_float32_runs():
 @pytest.mark.slow
 def test_tiny_report_reads_the_runs_event_files(tmp_path):
     tool = _tool()
-    argv = ["--dataset=mnist5k", "--train_split=train[:64]", "--eval_split=validation[:32]", "--steps=2",
+    argv = ["--dataset=mnist5k", "--train_split=train[:64]", "--eval_split=validation[:32]", "--steps=2", "--resnet_depth=10",
             "--log_every_steps=1", "--width_multiplier=0.25", "--image_size=16", "--train_batch_size=8",
             "--runs=2", f"--output_dir={tmp_path}"]
     comparison = tool.main(argv)

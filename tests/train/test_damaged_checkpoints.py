@@ -17,7 +17,7 @@ from simclr_tf import cli
 from simclr_tf.train import checkpoints, runner, train_and_evaluate, trainer
 from simclr_tf.train.experiment import Experiment, save_config
 
-TINY = ModelConfig(resnet_depth=18, width_multiplier=0.25, sk_ratio=0.0, se_ratio=0.0, image_size=32,
+TINY = ModelConfig(resnet_depth=10, width_multiplier=0.25, sk_ratio=0.0, se_ratio=0.0, image_size=32,
                    num_proj_layers=1, proj_out_dim=16)
 DATA = ".data-00000-of-00001"
 
@@ -172,9 +172,9 @@ def test_another_runs_directory_gives_its_newest_readable_checkpoint_and_is_left
 
 
 def _tiny_run_config(**train) -> Config:
-    """Pretraining ResNet-18 x0.25 on 32 digits: 3 steps of 16, a checkpoint after each."""
+    """Pretraining ResNet-10 x0.25 on 32 digits: 3 steps of 16, a checkpoint after each."""
     return Config().replace(
-        model={"resnet_depth": 18, "width_multiplier": 0.25, "sk_ratio": 0.0, "se_ratio": 0.0,
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "sk_ratio": 0.0, "se_ratio": 0.0,
                "image_size": 16, "num_proj_layers": 1, "proj_out_dim": 16},
         data={"dataset": "mnist5k", "train_split": "train[:32]", "eval_split": "validation[:16]",
               "use_blur": False, "cache_dataset": True},

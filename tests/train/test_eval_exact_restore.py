@@ -12,9 +12,9 @@ from simclr_tf.train.experiment import Experiment
 
 
 def _config() -> Config:
-    """Evaluating a fine-tuned ResNet-18 x0.25 whose classifier reads projection layer 1."""
+    """Evaluating a fine-tuned ResNet-10 x0.25 whose classifier reads projection layer 1."""
     return Config().replace(
-        model={"resnet_depth": 18, "width_multiplier": 0.25, "sk_ratio": 0.0, "se_ratio": 0.0,
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "sk_ratio": 0.0, "se_ratio": 0.0,
                "image_size": 16, "num_proj_layers": 2, "proj_out_dim": 16, "ft_proj_selector": 1},
         data={"dataset": "mnist5k", "train_split": "train[:32]", "eval_split": "validation[:16]",
               "use_blur": False, "cache_dataset": True},

@@ -13,9 +13,9 @@ from simclr_tf.train.experiment import Experiment
 
 
 def knn_config(*, bank_size: int = 0, seed: int = 0, image_size: int = 32, train_split: str = "train[:96]") -> Config:
-    """An untrained ResNet-18 x0.25 evaluated on a few mnist5k digits; every field the tests use is set."""
+    """An untrained ResNet-10 x0.25 evaluated on a few mnist5k digits; every field the tests use is set."""
     return Config().replace(
-        model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": image_size,
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": image_size,
                "proj_head_mode": "nonlinear", "num_proj_layers": 2, "sk_ratio": 0.0, "se_ratio": 0.0},
         data={"dataset": "mnist5k", "train_split": train_split, "eval_split": "validation[:40]"},
         train={"train_mode": "pretrain", "mode": "eval", "lineareval_while_pretraining": True,

@@ -26,7 +26,7 @@ WEIGHT_DECAY = 0.05  # large, so its share of the loss and of the update is far 
 
 def _config(**sections) -> Config:
     base = Config().replace(
-        model={"resnet_depth": 18, "width_multiplier": 0.25, "sk_ratio": 0.0, "se_ratio": 0.0,
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "sk_ratio": 0.0, "se_ratio": 0.0,
                "image_size": 16, "num_proj_layers": 2, "proj_out_dim": 16, "ft_proj_selector": 0},
         data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:16]",
               "labeled_per_class": 2, "use_blur": False, "cache_dataset": True},

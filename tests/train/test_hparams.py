@@ -16,9 +16,9 @@ from simclr_tf.train import hparams, train_and_evaluate
 
 
 def _tiny(**overrides) -> Config:
-    """ResNet-18 x0.25 at 16 px on 64 digits, 2 steps of 16, evaluated on 32."""
+    """ResNet-10 x0.25 at 16 px on 64 digits, 2 steps of 16, evaluated on 32."""
     config = Config.demo().replace(
-        model={"image_size": 16, "num_proj_layers": 1, "proj_out_dim": 16},
+        model={"resnet_depth": 10, "image_size": 16, "num_proj_layers": 1, "proj_out_dim": 16},
         data={"train_split": "train[:64]", "eval_split": "validation[:32]"},
         train={"mode": "train_then_eval", "train_steps": 2, "train_batch_size": 16, "eval_batch_size": 32,
                "log_every_steps": 1, "checkpoint_steps": 1, "keep_hub_module_max": 0},

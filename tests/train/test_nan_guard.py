@@ -16,7 +16,7 @@ BAD_STEP = 5  # inside the loop of steps 4-6 (checkpoints and logs every 3 steps
 
 def _experiment(model_dir, strategy=None):
     config = Config.demo().replace(
-        model={"image_size": 16, "num_proj_layers": 1, "proj_out_dim": 16},
+        model={"resnet_depth": 10, "image_size": 16, "num_proj_layers": 1, "proj_out_dim": 16},
         data={"train_split": "train[:64]", "eval_split": "validation[:16]"},
         train={"mode": "train", "train_steps": 9, "train_batch_size": BATCH, "checkpoint_steps": 3,
                "log_every_steps": 3, "keep_hub_module_max": 0},

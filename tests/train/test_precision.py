@@ -23,7 +23,7 @@ BATCH = 8
 
 def tiny_config(precision: str = "float32", jit_compile: bool = False) -> Config:
     return Config.demo().replace(
-        model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 2},
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 2},
         data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:32]"},
         optim={"warmup_epochs": 0},
         train={"mode": "train", "train_steps": 2, "train_batch_size": BATCH, "eval_batch_size": 16,
@@ -40,18 +40,19 @@ def batch():
 
 @pytest.fixture(scope="module")
 def float32_reference(tmp_path_factory, batch):
-    """Initial weights and the first step's loss in float32."""
-    state, metrics = _one_step(tiny_config(), tmp_path_factory.mktemp("f32"), batch)
+    """Initial weights and the first step's loss in float32 (eagerly: a reference, not under test)."""
+    state, metrics = _one_step(tiny_config(), tmp_path_factory.mktemp("f32"), batch, traced=False)
     return state.initial_weights, float(metrics["total_loss"])
 
 
-def _one_step(config, model_dir, batch, weights=None):
+def _one_step(config, model_dir, batch, weights=None, traced=True):
     experiment = Experiment.create(config, str(model_dir))
     state = trainer.build_train_state(experiment)
     if weights is not None:
         state.model.set_weights(weights)
     state.initial_weights = state.model.get_weights()
-    step_fn = tf.function(trainer.make_train_step(experiment, state))
+    step_fn = trainer.make_train_step(experiment, state)
+    step_fn = tf.function(step_fn) if traced else step_fn
     metrics = step_fn(batch)
     # Dynamic loss scaling starts high (2**15) and skips steps whose float16 gradients
     # overflow, halving the scale each time, until one is applied.
@@ -98,7 +99,7 @@ def test_a_pretraining_step_in_each_mode(precision, jit_compile, compute_dtype, 
 
 
 def test_the_policy_reaches_every_layer_and_round_trips():
-    model = SimCLRModel(10, resnet_depth=18, width_multiplier=0.25, cifar_stem=True, num_proj_layers=2,
+    model = SimCLRModel(10, resnet_depth=10, width_multiplier=0.25, cifar_stem=True, num_proj_layers=2,
                         dtype="mixed_bfloat16")
     model.build((None, 16, 16, 3))
     layers = model._flatten_layers(include_self=False)

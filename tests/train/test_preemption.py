@@ -40,7 +40,7 @@ def test_sigterm_between_events_saves_at_that_step_without_export_or_eval(tmp_pa
     # Log and checkpoint intervals beyond the end: only the bounded call length lets the
     # loop see the signal before the last step.
     config = Config().replace(
-        model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 1,
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 1,
                "proj_out_dim": 16},
         data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:16]",
               "use_blur": False, "cache_dataset": True},

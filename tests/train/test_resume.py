@@ -77,7 +77,7 @@ def test_resumed_training_batches_continue_the_interrupted_order(tmp_path):
 
 def test_a_resumed_run_reads_the_data_from_the_restored_step(tmp_path, monkeypatch):
     config = Config.demo().replace(
-        model={"image_size": 16, "num_proj_layers": 1, "proj_out_dim": 16},
+        model={"resnet_depth": 10, "image_size": 16, "num_proj_layers": 1, "proj_out_dim": 16},
         data={"train_split": "train[:64]", "eval_split": "validation[:16]"},
         train={"mode": "train", "train_steps": 2, "train_batch_size": 16, "checkpoint_steps": 2,
                "keep_hub_module_max": 0},

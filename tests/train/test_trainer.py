@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -20,9 +21,9 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def tiny_config(**overrides) -> Config:
-    """ResNet-18 x0.25 on 64 training / 64 validation digits, 2 steps of batch 16."""
+    """ResNet-10 x0.25 on 64 training / 64 validation digits, 2 steps of batch 16."""
     config = Config.demo().replace(
-        model={"resnet_depth": 18, "width_multiplier": 0.25, "image_size": 32, "num_proj_layers": 2},
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 32, "num_proj_layers": 2},
         data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:64]"},
         train={
             "mode": "train_then_eval",
@@ -91,25 +92,29 @@ def test_pretrain_without_linear_head_evaluates_with_knn(tmp_path):
     assert 0.0 <= result["eval/knn_top_1_accuracy"] <= result["eval/knn_top_5_accuracy"] <= 1.0
 
 
-def test_resume_continues_from_the_latest_checkpoint(tmp_path):
-    config = tiny_config(train={"mode": "train", "checkpoint_steps": 1})
-    train_and_evaluate(config, str(tmp_path))
-    experiment = Experiment.create(config.replace(train={"train_steps": 4}), str(tmp_path))
+def test_resume_continues_from_the_latest_checkpoint(tmp_path, pretrained_dir):
+    # A copy of the shared 2-step run (its own config: tiny_config, --mode=train).
+    model_dir = tmp_path / "run"
+    shutil.copytree(pretrained_dir, model_dir)
+    config = tiny_config(train={"mode": "train"})
+    experiment = Experiment.create(config.replace(train={"train_steps": 4}), str(model_dir))
     state = trainer.build_train_state(experiment)
     assert state.restore_report.source == "model_dir"
     assert int(state.optimizer.iterations.numpy()) == 2
     kernel_before = state.model.trainable_variables[0].numpy().copy()
     trainer.train(experiment, state)
     assert int(state.optimizer.iterations.numpy()) == 4
-    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-4")
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
     assert not np.allclose(kernel_before, state.model.trainable_variables[0].numpy())
 
 
-def test_eval_mode_evaluates_existing_checkpoints_until_the_final_step(tmp_path):
-    train_and_evaluate(tiny_config(train={"mode": "train"}), str(tmp_path))
-    result = train_and_evaluate(tiny_config(train={"mode": "eval"}), str(tmp_path))
+def test_eval_mode_evaluates_existing_checkpoints_until_the_final_step(tmp_path, pretrained_dir):
+    model_dir = tmp_path / "run"
+    shutil.copytree(pretrained_dir, model_dir)  # trained by tiny_config with --mode=train
+    assert not (model_dir / "result_2.json").exists()
+    result = train_and_evaluate(tiny_config(train={"mode": "eval"}), str(model_dir))
     assert result["global_step"] == 2
-    assert (tmp_path / "result_2.json").exists()
+    assert (model_dir / "result_2.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +285,7 @@ def test_cli_writes_flags_json(tmp_path):
     command = [
         sys.executable, str(REPO / "run.py"), f"--model_dir={model_dir}", "--mode=train",
         "--train_steps=1", "--train_batch_size=8", "--train_split=train[:16]",
-        "--eval_split=validation[:16]", "--num_proj_layers=1",
+        "--eval_split=validation[:16]", "--num_proj_layers=1", "--resnet_depth=10",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
