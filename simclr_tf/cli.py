@@ -129,6 +129,8 @@ flags.DEFINE_integer("resnet_depth", _d.model.resnet_depth, "Depth of the ResNet
 flags.DEFINE_float("sk_ratio", _d.model.sk_ratio, "If bigger than 0, use selective kernels. Recommendation: 0.0625.")
 flags.DEFINE_float("se_ratio", _d.model.se_ratio, "If bigger than 0, use squeeze-and-excitation.")
 flags.DEFINE_float("batch_norm_decay", _d.model.batch_norm_decay, "Batch norm decay (moving-average momentum).")
+flags.DEFINE_float("dropout_rate", _d.model.dropout_rate, "Dropout on the classifier's input in training (Noisy Student's student noise). Not in the original.")
+flags.DEFINE_float("stochastic_depth_rate", _d.model.stochastic_depth_rate, "Stochastic depth in training: the last residual block's branch is dropped per example with this probability, earlier blocks linearly less, the stem never. Not in the original.")
 
 # --- flags only the original's TF1 run.py has (its top-level README's commands pass them)
 flags.DEFINE_string("variable_schema", None, "TF1 run.py only, accepted and not used: --checkpoint restores the model's weights only (no step, no optimizer slots), every variable it holds with a matching shape, and logs the list.")

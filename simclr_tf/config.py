@@ -86,6 +86,9 @@ class ModelConfig:
     ft_proj_selector: int = 0
     zero_init_logits_layer: bool = False
     fine_tune_after_block: int = -1
+    # Student noise (Noisy Student), in training only; 0 = off, as the original.
+    dropout_rate: float = 0.0
+    stochastic_depth_rate: float = 0.0
 
     @property
     def cifar_stem(self) -> bool:
@@ -346,7 +349,7 @@ def validate(config: Config) -> None:
     width = m.width_multiplier
     if not (width in FRACTIONAL_WIDTHS or (width >= 1 and float(width).is_integer())):
         fail("width_multiplier", f"{width} is not a positive integer or one of {FRACTIONAL_WIDTHS}.")
-    for flag in ("sk_ratio", "se_ratio"):
+    for flag in ("sk_ratio", "se_ratio", "dropout_rate", "stochastic_depth_rate"):
         if not 0 <= getattr(m, flag) < 1:
             fail(flag, f"{getattr(m, flag)} must be in [0, 1).")
     if m.image_size < 8:

@@ -38,6 +38,8 @@ def test_derived_steps_follow_the_original_formulas():
         ("model", {"fine_tune_after_block": 5}, "fine_tune_after_block"),
         ("model", {"fine_tune_after_block": 2}, "fine_tune_after_block"),  # while pretraining
         ("model", {"image_size": 4}, "image_size"),
+        ("model", {"dropout_rate": 1.0}, "dropout_rate"),
+        ("model", {"stochastic_depth_rate": -0.1}, "stochastic_depth_rate"),
         ("train", {"train_batch_size": 0}, "train_batch_size"),
         ("train", {"train_steps": 0, "train_epochs": 0}, "train_steps"),
         ("train", {"temperature": 0.0}, "temperature"),

@@ -33,6 +33,7 @@ from keras import ops
 import tensorflow as tf
 
 from simclr_tf.models.global_batch_norm import GlobalBatchNormalization
+from simclr_tf.models.noise import RandomDrop, stochastic_depth_rates
 
 BATCH_NORM_EPSILON = 1e-5
 
@@ -424,12 +425,14 @@ class _Block(keras.layers.Layer):
         se_ratio: float = 0.0,
         batch_norm_decay: float = 0.9,
         global_bn: bool = False,
+        stochastic_depth_rate: float = 0.0,
         **kwargs,
     ):
         trainable = kwargs.pop("trainable", True)
         super().__init__(**kwargs)
         self.filters = filters
         self.strides = strides
+        self.stochastic_depth_rate = stochastic_depth_rate
         self.use_projection = use_projection
         self.sk_ratio = sk_ratio
         self.se_ratio = se_ratio
@@ -453,6 +456,12 @@ class _Block(keras.layers.Layer):
         self._make_main_path()
         self.se_layer = (
             SqueezeExcitation(filters, se_ratio, name="se_layer") if se_ratio > 0 else None
+        )
+        # Drops the whole residual branch of an example; no weights, so created last.
+        self.stochastic_depth = (
+            RandomDrop(stochastic_depth_rate, per_example=True, name="stochastic_depth")
+            if stochastic_depth_rate > 0
+            else None
         )
         self.trainable = trainable  # after the sub-layers exist, so it reaches them
 
@@ -500,6 +509,9 @@ class _Block(keras.layers.Layer):
                 x = layer(x)
         if self.se_layer is not None:
             x = self.se_layer(x)
+        if self.stochastic_depth is not None:
+            # A frozen block (--fine_tune_after_block) is a fixed feature extractor: no noise.
+            x = self.stochastic_depth(x, training=training and self.trainable)
         return ops.relu(x + shortcut)
 
     def compute_output_shape(self, input_shape):
@@ -515,6 +527,7 @@ class _Block(keras.layers.Layer):
             se_ratio=self.se_ratio,
             batch_norm_decay=self.batch_norm_decay,
             global_bn=self.global_bn,
+            stochastic_depth_rate=self.stochastic_depth_rate,
         )
         return config
 
@@ -574,7 +587,10 @@ BLOCK_TYPES: dict[str, type[_Block]] = {"basic": ResidualBlock, "bottleneck": Bo
 
 @_serializable
 class BlockGroup(keras.layers.Layer):
-    """`num_blocks` blocks; the first has the stride and a projection shortcut."""
+    """`num_blocks` blocks; the first has the stride and a projection shortcut.
+
+    `stochastic_depth_rates`: each block's drop rate (empty: none dropped).
+    """
 
     def __init__(
         self,
@@ -586,12 +602,17 @@ class BlockGroup(keras.layers.Layer):
         se_ratio: float = 0.0,
         batch_norm_decay: float = 0.9,
         global_bn: bool = False,
+        stochastic_depth_rates: tuple[float, ...] | list[float] = (),
         **kwargs,
     ):
         trainable = kwargs.pop("trainable", True)
         super().__init__(**kwargs)
         if block_type not in BLOCK_TYPES:
             raise ValueError(f"block_type must be one of {sorted(BLOCK_TYPES)}, got {block_type!r}")
+        rates = tuple(float(r) for r in stochastic_depth_rates) or (0.0,) * num_blocks
+        if len(rates) != num_blocks:
+            raise ValueError(f"{len(rates)} stochastic_depth_rates for {num_blocks} blocks")
+        self.stochastic_depth_rates = rates
         self.filters = filters
         self.block_type = block_type
         self.num_blocks = num_blocks
@@ -611,6 +632,7 @@ class BlockGroup(keras.layers.Layer):
                 se_ratio=se_ratio,
                 batch_norm_decay=batch_norm_decay,
                 global_bn=global_bn,
+                stochastic_depth_rate=rates[i],
                 name=f"block{i + 1}",
             )
             for i in range(num_blocks)
@@ -640,6 +662,7 @@ class BlockGroup(keras.layers.Layer):
             se_ratio=self.se_ratio,
             batch_norm_decay=self.batch_norm_decay,
             global_bn=self.global_bn,
+            stochastic_depth_rates=list(self.stochastic_depth_rates),
         )
         return config
 
@@ -733,8 +756,11 @@ class ResNet(keras.layers.Layer):
         batch_norm_decay, global_bn: passed to every `BatchNormRelu`.
         fine_tune_after_block: -1 trains everything; k >= 0 freezes the stem and
             block groups 1..k (4 = the whole backbone): they get `trainable=False`
-            (no trainable weights, BN in inference mode) and a stop-gradient on their
-            output.
+            (no trainable weights, BN in inference mode, no stochastic depth) and a
+            stop-gradient on their output.
+        stochastic_depth_rate: > 0 drops each example's residual branches in training,
+            the last block with this probability, earlier ones linearly less
+            (`noise.stochastic_depth_rates`); the stem never.
 
     `call(images)` returns a dict with `initial_conv`, `initial_max_pool`,
     `block_group1`..`block_group4` (N, h, w, C) and `final_avg_pool` (N, C).
@@ -750,6 +776,7 @@ class ResNet(keras.layers.Layer):
         batch_norm_decay: float = 0.9,
         global_bn: bool = False,
         fine_tune_after_block: int = -1,
+        stochastic_depth_rate: float = 0.0,
         name: str = "resnet",
         **kwargs,
     ):
@@ -773,8 +800,11 @@ class ResNet(keras.layers.Layer):
         self.batch_norm_decay = batch_norm_decay
         self.global_bn = global_bn
         self.fine_tune_after_block = fine_tune_after_block
+        self.stochastic_depth_rate = stochastic_depth_rate
 
         block_type, layers = RESNET_SPECS[resnet_depth]
+        rates = stochastic_depth_rates(stochastic_depth_rate, sum(layers))
+        first_block = [sum(layers[:i]) for i in range(len(layers))]
         bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
         self.stem = Stem(
             scaled_filters(64, width_multiplier),
@@ -791,6 +821,7 @@ class ResNet(keras.layers.Layer):
                 strides=1 if i == 0 else 2,
                 sk_ratio=sk_ratio,
                 se_ratio=se_ratio,
+                stochastic_depth_rates=rates[first_block[i]:first_block[i] + num_blocks],
                 name=group_name,
                 **bn_args,
             )
@@ -860,5 +891,6 @@ class ResNet(keras.layers.Layer):
             batch_norm_decay=self.batch_norm_decay,
             global_bn=self.global_bn,
             fine_tune_after_block=self.fine_tune_after_block,
+            stochastic_depth_rate=self.stochastic_depth_rate,
         )
         return config

@@ -22,6 +22,7 @@ from keras import ops
 
 from simclr_tf.config import ModelConfig
 from simclr_tf.models.heads import ProjectionHead, SupervisedHead
+from simclr_tf.models.noise import RandomDrop
 from simclr_tf.models.resnet import BLOCK_GROUP_NAMES, ResNet
 
 OUTPUT_KEYS = (
@@ -52,6 +53,9 @@ class SimCLRModel(keras.Model):
         fine_tune_after_block: -1 trains everything; 0 freezes the stem; k in 1..3 the
             stem and block_group1..k; 4 the whole backbone.
         zero_init_logits_layer: zero-initialise the supervised head's kernel.
+        dropout_rate: dropout on the supervised head's input in training (Noisy
+            Student's student noise); 0: none.
+        stochastic_depth_rate: see `ResNet`; 0: none.
 
     Outputs of `call(images, training)`: see `OUTPUT_KEYS`, plus `logits_sup`.
     """
@@ -74,6 +78,8 @@ class SimCLRModel(keras.Model):
         fine_tune_after_block: int = -1,
         zero_init_logits_layer: bool = False,
         drop_unused_projection_layers: bool = False,
+        dropout_rate: float = 0.0,
+        stochastic_depth_rate: float = 0.0,
         name: str = "simclr_model",
         **kwargs,
     ):
@@ -102,6 +108,8 @@ class SimCLRModel(keras.Model):
         self.fine_tune_after_block = fine_tune_after_block
         self.zero_init_logits_layer = zero_init_logits_layer
         self.drop_unused_projection_layers = drop_unused_projection_layers
+        self.dropout_rate = dropout_rate
+        self.stochastic_depth_rate = stochastic_depth_rate
 
         bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
         self.backbone = ResNet(
@@ -111,6 +119,7 @@ class SimCLRModel(keras.Model):
             se_ratio=se_ratio,
             cifar_stem=cifar_stem,
             fine_tune_after_block=fine_tune_after_block,
+            stochastic_depth_rate=stochastic_depth_rate,
             name="resnet",
             **bn_args,
         )
@@ -126,6 +135,11 @@ class SimCLRModel(keras.Model):
         self.supervised_head = (
             SupervisedHead(num_classes, zero_init=zero_init_logits_layer, name="head_supervised")
             if num_classes is not None
+            else None
+        )
+        self.dropout = (
+            RandomDrop(dropout_rate, name="dropout")
+            if dropout_rate > 0 and num_classes is not None
             else None
         )
         self.trainable = trainable  # after the sub-layers exist, so it reaches them
@@ -158,6 +172,8 @@ class SimCLRModel(keras.Model):
         outputs["proj_head_output"] = proj_output  # (N, proj_out_dim), or (N, C) for 'none'
         outputs["supervised_head_input"] = supervised_input
         if self.supervised_head is not None:
+            if self.dropout is not None:
+                supervised_input = self.dropout(supervised_input, training=training)
             outputs["logits_sup"] = self.supervised_head(supervised_input, training=training)
         return outputs
 
@@ -180,6 +196,8 @@ class SimCLRModel(keras.Model):
             fine_tune_after_block=self.fine_tune_after_block,
             zero_init_logits_layer=self.zero_init_logits_layer,
             drop_unused_projection_layers=self.drop_unused_projection_layers,
+            dropout_rate=self.dropout_rate,
+            stochastic_depth_rate=self.stochastic_depth_rate,
         )
         return config
 
@@ -220,6 +238,8 @@ def build_model(
         fine_tune_after_block=config.fine_tune_after_block,
         zero_init_logits_layer=config.zero_init_logits_layer,
         drop_unused_projection_layers=drop_unused_projection_layers,
+        dropout_rate=config.dropout_rate,
+        stochastic_depth_rate=config.stochastic_depth_rate,
         dtype=dtype,
     )
     model.build((None, config.image_size, config.image_size, 3))
