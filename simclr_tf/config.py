@@ -19,6 +19,10 @@ TRAIN_MODES = ("pretrain", "finetune", "distill", "supervised")
 # Semi-supervised methods on labeled + unlabeled batches (simclr_tf/methods/).
 SEMI_SUPERVISED_MODES = ("fixmatch", "uda", "mean_teacher", "debiasmatch", "dst", "s4l")
 TRAIN_MODES += SEMI_SUPERVISED_MODES
+# Adapting a trained classifier to an unlabeled, shifted target domain (methods/adapt.py).
+TRAIN_MODES += ("adapt",)
+ADAPT_LOSSES = ("entropy", "gce")
+ADAPT_PARAMETERS = ("batch_norm", "all")
 TSA_SCHEDULES = ("none", "linear", "log", "exp")
 MODES = ("train", "eval", "train_then_eval")
 OPTIMIZERS = ("lars", "momentum", "adam")
@@ -219,6 +223,17 @@ class SemiConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdaptConfig:
+    """`--train_mode=adapt` (self-learning under shift; defaults: Rusak et al.'s RPL)."""
+
+    # "entropy" (ENT) or "gce" (robust pseudo-labelling: generalized cross-entropy).
+    adapt_loss: str = "gce"
+    gce_q: float = 0.8
+    # "batch_norm": only the batch norms' scales and offsets train; "all": every weight.
+    adapt_parameters: str = "batch_norm"
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     # The one default that differs from the original's (True): True would fail on every
     # machine without a TPU, and all of the original READMEs' commands pass --use_tpu.
@@ -243,6 +258,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     semi: SemiConfig = dataclasses.field(default_factory=SemiConfig)
+    adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     @classmethod
@@ -286,6 +302,7 @@ SECTIONS = {
     "train": TrainConfig,
     "distill": DistillConfig,
     "semi": SemiConfig,
+    "adapt": AdaptConfig,
     "runtime": RuntimeConfig,
 }
 
@@ -391,6 +408,13 @@ def validate(config: Config) -> None:
     if t.train_mode == "supervised" and t.checkpoint:
         fail("checkpoint", "--train_mode=supervised trains from scratch; use --train_mode=finetune to start from a checkpoint.")
     _validate_semi(config.semi, fail)
+    a = config.adapt
+    if a.adapt_loss not in ADAPT_LOSSES:
+        fail("adapt_loss", f"{a.adapt_loss!r} is not one of {ADAPT_LOSSES}.")
+    if not 0 < a.gce_q <= 1:
+        fail("gce_q", f"{a.gce_q} must be in (0, 1] (0.8: Rusak et al.'s).")
+    if a.adapt_parameters not in ADAPT_PARAMETERS:
+        fail("adapt_parameters", f"{a.adapt_parameters!r} is not one of {ADAPT_PARAMETERS}.")
     if o.optimizer not in OPTIMIZERS:
         fail("optimizer", f"{o.optimizer!r} is not one of {OPTIMIZERS}.")
     for flag in ("train_batch_size", "eval_batch_size"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from simclr_tf.methods.adapt import Adapt
 from simclr_tf.methods.base import Method
 from simclr_tf.methods.debiasmatch import DebiasMatch
 from simclr_tf.methods.distill import Distill
@@ -15,5 +16,5 @@ from simclr_tf.methods.uda import Uda
 
 METHODS: dict[str, type[Method]] = {
     method.name: method
-    for method in (Pretrain, Finetune, Supervised, Distill, FixMatch, Uda, MeanTeacher, DebiasMatch, Dst, S4l)
+    for method in (Pretrain, Finetune, Supervised, Distill, FixMatch, Uda, MeanTeacher, DebiasMatch, Dst, S4l, Adapt)
 }

@@ -130,19 +130,7 @@ class SemiSupervised(base.Method):
 
     # -- data -------------------------------------------------------------------------
     def view_fn(self, kind: str):
-        """The seeded weak or strong augmentation, as `data.build_dataset`'s `view_fns` take it."""
-        size, semi = self.config.model.image_size, self.semi
-        use_flip = self.config.data.use_flip
-        if kind == "weak":
-            return functools.partial(
-                _weak, image_size=size, use_flip=use_flip, translate_fraction=semi.weak_translate_fraction
-            )
-        if kind == "strong":
-            return functools.partial(
-                _strong, image_size=size, use_flip=use_flip, translate_fraction=semi.weak_translate_fraction,
-                num_ops=semi.randaugment_num_ops, cutout_fraction=semi.cutout_fraction,
-            )
-        raise ValueError(f"Unknown view {kind!r}: use 'weak' or 'strong'.")
+        return view_fn(self.config, kind)
 
     def train_batches(self, batch_size, context, *, start_step, cache):
         mu = self.setting(self.config, "unlabeled_batch_ratio")
@@ -164,6 +152,22 @@ class SemiSupervised(base.Method):
         """`count` unlabeled examples, their views side by side."""
         views = self.split_unlabeled(batch)
         return super().preview_images({"image": tf.concat([v[:count] for v in views], axis=0)}, count)
+
+
+def view_fn(config, kind: str):
+    """The seeded weak or strong augmentation, as `data.build_dataset`'s `view_fns` take it."""
+    size, semi = config.model.image_size, config.semi
+    use_flip = config.data.use_flip
+    if kind == "weak":
+        return functools.partial(
+            _weak, image_size=size, use_flip=use_flip, translate_fraction=semi.weak_translate_fraction
+        )
+    if kind == "strong":
+        return functools.partial(
+            _strong, image_size=size, use_flip=use_flip, translate_fraction=semi.weak_translate_fraction,
+            num_ops=semi.randaugment_num_ops, cutout_fraction=semi.cutout_fraction,
+        )
+    raise ValueError(f"Unknown view {kind!r}: use 'weak' or 'strong'.")
 
 
 def _weak(image, seed, **kwargs):
