@@ -79,6 +79,8 @@ flags.DEFINE_integer("knn_bank_size", _d.train.knn_bank_size, "Most train exampl
 flags.DEFINE_string("teacher_checkpoint", _d.distill.teacher_checkpoint, "Fine-tuned teacher (model_dir or checkpoint prefix) for --train_mode=distill.")
 flags.DEFINE_float("distill_temperature", _d.distill.distill_temperature, "Temperature of the teacher's and student's softmax in the distillation loss.")
 flags.DEFINE_float("distill_label_weight", _d.distill.distill_label_weight, "w in (1 - w) * distillation loss + w * cross-entropy on the labeled subset; 0 = labels unused.")
+flags.DEFINE_enum("distill_views", _d.distill.distill_views, list(config_lib.DISTILL_VIEWS), "distill: consistent (teacher and student see the same augmented view) or fixed (the teacher sees the image un-augmented, the student an augmented view). Not in the original (its distillation is consistent).")
+flags.DEFINE_float("mixup_alpha", _d.distill.mixup_alpha, "distill: > 0 mixes pairs of the augmented images (lambda ~ Beta(a, a)) and shows teacher and student the same mix (function matching); 0 = no mixup.")
 flags.DEFINE_integer("teacher_resnet_depth", None, "Teacher ResNet depth (default: from the teacher run's config.json, else the student's).")
 flags.DEFINE_float("teacher_width_multiplier", None, "Teacher width multiplier (default: teacher config.json, else the student's).")
 flags.DEFINE_float("teacher_sk_ratio", None, "Teacher selective-kernel ratio (default: teacher config.json, else the student's).")

@@ -24,6 +24,7 @@ TRAIN_MODES += ("adapt",)
 ADAPT_LOSSES = ("entropy", "gce")
 ADAPT_PARAMETERS = ("batch_norm", "all")
 TSA_SCHEDULES = ("none", "linear", "log", "exp")
+DISTILL_VIEWS = ("consistent", "fixed")
 MODES = ("train", "eval", "train_then_eval")
 OPTIMIZERS = ("lars", "momentum", "adam")
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
@@ -171,6 +172,12 @@ class DistillConfig:
     distill_temperature: float = 1.0
     # w in (1 - w) * distillation loss + w * cross-entropy on the labeled subset.
     distill_label_weight: float = 0.0
+    # "consistent": teacher and student see the same augmented view (SimCLRv2's, and Beyer
+    # et al.'s "consistent teaching"); "fixed": the teacher sees the un-augmented image.
+    distill_views: str = "consistent"
+    # > 0: both see the same mixup of two augmented images, lambda ~ Beta(a, a) ("function
+    # matching" with --distill_views=consistent); 0: no mixup.
+    mixup_alpha: float = 0.0
     # The teacher's architecture; None = from the teacher run's config.json, else the student's.
     teacher_resnet_depth: int | None = None
     teacher_width_multiplier: float | None = None
@@ -405,6 +412,12 @@ def validate(config: Config) -> None:
             fail("distill_temperature", "must be positive.")
         if not 0 <= x.distill_label_weight <= 1:
             fail("distill_label_weight", f"{x.distill_label_weight} must be in [0, 1].")
+    if x.distill_views not in DISTILL_VIEWS:
+        fail("distill_views", f"{x.distill_views!r} is not one of {DISTILL_VIEWS}.")
+    if not x.mixup_alpha >= 0:
+        fail("mixup_alpha", f"{x.mixup_alpha} must be >= 0 (0: no mixup).")
+    if x.mixup_alpha > 0 and x.distill_views == "fixed":
+        fail("mixup_alpha", "mixup needs --distill_views=consistent: a fixed teacher sees the image un-augmented and unmixed.")
     if t.train_mode == "supervised" and t.checkpoint:
         fail("checkpoint", "--train_mode=supervised trains from scratch; use --train_mode=finetune to start from a checkpoint.")
     _validate_semi(config.semi, fail)

@@ -125,3 +125,26 @@ def pseudo_label_class_fractions(
     one_hot = tf.one_hot(tf.cast(pseudo_labels, tf.int32), num_classes, dtype=tf.float32)
     counts = tf.reduce_sum(one_hot * mask[:, None], axis=0)  # (C,)
     return tf.math.divide_no_nan(counts, tf.reduce_sum(mask))
+
+
+def mixup_draw(seed: tf.Tensor, batch_size: tf.Tensor, *, alpha: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-example mixup weights lambda ~ Beta(alpha, alpha) and a random partner for each.
+
+    Stateless: `seed` (2,) int fixes both, so a resumed run mixes as an uninterrupted one.
+    Returns `(weights (N,) float32, partners (N,) int32)`.
+    """
+    if alpha <= 0:
+        raise ValueError(f"mixup_draw: alpha must be > 0, got {alpha}")
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    # Beta(a, a) = G1 / (G1 + G2) for independent Gamma(a) draws.
+    first = tf.random.stateless_gamma([batch_size], seeds[0], alpha=alpha)
+    second = tf.random.stateless_gamma([batch_size], seeds[1], alpha=alpha)
+    weights = first / tf.maximum(first + second, 1e-12)
+    partners = tf.cast(tf.argsort(tf.random.stateless_uniform([batch_size], seeds[2])), tf.int32)
+    return weights, partners
+
+
+def mix_images(images: tf.Tensor, weights: tf.Tensor, partners: tf.Tensor) -> tf.Tensor:
+    """`weights[i] * images[i] + (1 - weights[i]) * images[partners[i]]`, in the images' dtype."""
+    w = tf.reshape(tf.cast(weights, images.dtype), [-1] + [1] * (images.shape.rank - 1))
+    return w * images + (1 - w) * tf.gather(images, partners)
