@@ -61,7 +61,7 @@ flags.DEFINE_integer("labeled_per_class", _d.data.labeled_per_class, "If > 0, us
 flags.DEFINE_integer("labeled_seed", _d.data.labeled_seed, "Seed choosing the labeled subset (nested: 1% is inside 10% for the same seed).")
 # --- what to run
 flags.DEFINE_enum("mode", _d.train.mode, list(config_lib.MODES), "Whether to train, evaluate (following new checkpoints), or both. The default is the original's; the original READMEs' pretraining commands rely on it.")
-flags.DEFINE_enum("train_mode", _d.train.train_mode, list(config_lib.TRAIN_MODES), "pretrain (contrastive), finetune (labels, from --checkpoint), distill (a teacher's soft labels), supervised (labels, from scratch), or a semi-supervised method on labeled + unlabeled batches: fixmatch, uda, mean_teacher, debiasmatch, dst, s4l (from scratch, or from --checkpoint), or adapt (a trained classifier from --checkpoint adapts to unlabeled images of --dataset).")
+flags.DEFINE_enum("train_mode", _d.train.train_mode, list(config_lib.TRAIN_MODES), "pretrain (contrastive), finetune (labels, from --checkpoint), distill (a teacher's soft labels), supervised (labels, from scratch), or a semi-supervised method on labeled + unlabeled batches: fixmatch, uda, mean_teacher, debiasmatch, dst, s4l (from scratch, or from --checkpoint), adapt (a trained classifier from --checkpoint adapts to unlabeled images of --dataset), or pu (positive-unlabeled binary classification).")
 flags.DEFINE_bool("lineareval_while_pretraining", _d.train.lineareval_while_pretraining, "Train a linear head on stop-gradient features while pretraining.")
 flags.DEFINE_string("checkpoint", _d.train.checkpoint, "Checkpoint (prefix or directory) to initialise from when model_dir holds none, e.g. a pretraining run for fine-tuning; with --mode=eval it is evaluated once. Original SimCLR checkpoints: convert them with tools/convert_checkpoint.py.")
 flags.DEFINE_bool("zero_init_logits_layer", _d.model.zero_init_logits_layer, "Zero-initialise the supervised head after restoring --checkpoint.")
@@ -112,6 +112,12 @@ flags.DEFINE_float("cutout_fraction", _d.semi.cutout_fraction, "Strong view: Cut
 flags.DEFINE_enum("adapt_loss", _d.adapt.adapt_loss, list(config_lib.ADAPT_LOSSES), "adapt: entropy (entropy minimisation) or gce (robust pseudo-labelling: generalized cross-entropy of the model's own hard labels).")
 flags.DEFINE_float("gce_q", _d.adapt.gce_q, "adapt: q of the generalized cross-entropy, in (0, 1].")
 flags.DEFINE_enum("adapt_parameters", _d.adapt.adapt_parameters, list(config_lib.ADAPT_PARAMETERS), "adapt: batch_norm trains only the batch norms' scales and offsets; all trains every weight.")
+# --- positive-unlabeled learning (--train_mode=pu)
+flags.DEFINE_string("positive_classes", _d.pu.positive_classes, "pu: comma-separated ids or names of the positive classes; every other class is negative.")
+flags.DEFINE_float("pu_prior", _d.pu.pu_prior, "pu: the fraction of positives among the unlabeled images (class prior pi, assumed known).")
+flags.DEFINE_enum("pu_loss", _d.pu.pu_loss, list(config_lib.PU_LOSSES), "pu: nnpu (non-negative PU risk) or unlabeled_as_negative (the biased baseline).")
+flags.DEFINE_float("nnpu_beta", _d.pu.nnpu_beta, "pu: nnPU's beta: a negative-risk estimate below -beta is pushed back up.")
+flags.DEFINE_float("nnpu_gamma", _d.pu.nnpu_gamma, "pu: nnPU's gamma: the scale of that push.")
 # --- runtime
 flags.DEFINE_string("master", _d.runtime.master, "Address/name of the TensorFlow master (TPU) when --tpu_name is not given.")
 flags.DEFINE_bool("use_tpu", _d.runtime.use_tpu, "Whether to run on TPU.")

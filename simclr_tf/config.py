@@ -21,6 +21,9 @@ SEMI_SUPERVISED_MODES = ("fixmatch", "uda", "mean_teacher", "debiasmatch", "dst"
 TRAIN_MODES += SEMI_SUPERVISED_MODES
 # Adapting a trained classifier to an unlabeled, shifted target domain (methods/adapt.py).
 TRAIN_MODES += ("adapt",)
+# Positive-unlabeled binary classification (methods/pu.py).
+TRAIN_MODES += ("pu",)
+PU_LOSSES = ("nnpu", "unlabeled_as_negative")
 ADAPT_LOSSES = ("entropy", "gce")
 ADAPT_PARAMETERS = ("batch_norm", "all")
 TSA_SCHEDULES = ("none", "linear", "log", "exp")
@@ -241,6 +244,21 @@ class AdaptConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PuConfig:
+    """`--train_mode=pu`: which classes are positive, their prior, and the risk."""
+
+    # Comma-separated class ids or names of the train split's classes.
+    positive_classes: str = ""
+    # pi: the fraction of positives among the unlabeled images (assumed known, as nnPU).
+    pu_prior: float = 0.0
+    # "nnpu": Kiryo et al.'s non-negative risk; "unlabeled_as_negative": the biased baseline.
+    pu_loss: str = "nnpu"
+    # nnPU's beta and gamma: below -beta the negative risk is pushed up, scaled by gamma.
+    nnpu_beta: float = 0.0
+    nnpu_gamma: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     # The one default that differs from the original's (True): True would fail on every
     # machine without a TPU, and all of the original READMEs' commands pass --use_tpu.
@@ -266,6 +284,7 @@ class Config:
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     semi: SemiConfig = dataclasses.field(default_factory=SemiConfig)
     adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
+    pu: PuConfig = dataclasses.field(default_factory=PuConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     @classmethod
@@ -310,6 +329,7 @@ SECTIONS = {
     "distill": DistillConfig,
     "semi": SemiConfig,
     "adapt": AdaptConfig,
+    "pu": PuConfig,
     "runtime": RuntimeConfig,
 }
 
@@ -428,6 +448,16 @@ def validate(config: Config) -> None:
         fail("gce_q", f"{a.gce_q} must be in (0, 1] (0.8: Rusak et al.'s).")
     if a.adapt_parameters not in ADAPT_PARAMETERS:
         fail("adapt_parameters", f"{a.adapt_parameters!r} is not one of {ADAPT_PARAMETERS}.")
+    pu = config.pu
+    if pu.pu_loss not in PU_LOSSES:
+        fail("pu_loss", f"{pu.pu_loss!r} is not one of {PU_LOSSES}.")
+    if t.train_mode == "pu":
+        if not pu.positive_classes.strip():
+            fail("positive_classes", "--train_mode=pu needs the positive classes, e.g. --positive_classes=3 or =cat.")
+        if not 0 < pu.pu_prior < 1:
+            fail("pu_prior", f"{pu.pu_prior} must be in (0, 1): the fraction of positives among the unlabeled images.")
+    if not pu.nnpu_beta >= 0 or not pu.nnpu_gamma > 0:
+        fail("nnpu_beta", "--nnpu_beta must be >= 0 and --nnpu_gamma > 0.")
     if o.optimizer not in OPTIMIZERS:
         fail("optimizer", f"{o.optimizer!r} is not one of {OPTIMIZERS}.")
     for flag in ("train_batch_size", "eval_batch_size"):

@@ -189,6 +189,9 @@ class LabeledSubset:
     fraction: float = 1.0  # of each class; 1.0 = all
     per_class: int = 0  # if > 0, this many per class (overrides fraction)
     seed: int = 0
+    # Only these class ids (e.g. the positives of PU learning); empty = every class. A
+    # class keeps the examples it keeps without the restriction.
+    classes: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:  # also rejects NaN
@@ -209,7 +212,7 @@ class LabeledSubset:
     @property
     def is_everything(self) -> bool:
         """True when the subset keeps every example of any split."""
-        return self.per_class == 0 and self.fraction == 1.0
+        return self.per_class == 0 and self.fraction == 1.0 and not self.classes
 
     def count(self, class_size: int) -> int:
         """How many of a class's `class_size` examples the subset keeps."""
@@ -232,6 +235,8 @@ def labeled_subset_indices(labels: np.ndarray, subset: LabeledSubset) -> np.ndar
         return np.arange(len(labels), dtype=np.int64)
     chosen = []
     for label in np.unique(labels):
+        if subset.classes and int(label) not in subset.classes:
+            continue
         members = np.flatnonzero(labels == label)
         rng = np.random.default_rng([subset.seed, int(label), _LABELED_SUBSET_STREAM])
         chosen.append(rng.permutation(members)[: subset.count(len(members))])

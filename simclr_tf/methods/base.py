@@ -85,6 +85,10 @@ class Method:
         """The model evaluation and export use (e.g. the weight average)."""
         return model
 
+    def eval_labels(self, labels: tf.Tensor) -> tf.Tensor:
+        """The labels the classifier's accuracy is measured against (e.g. PU's binary ones)."""
+        return labels
+
     def eval_checkpoint_root(self) -> str:
         """Checkpoint key whose weights `--mode=eval` restores into the evaluated model."""
         return "model"

@@ -11,10 +11,11 @@ from simclr_tf.methods.finetune import Finetune, Supervised
 from simclr_tf.methods.fixmatch import FixMatch
 from simclr_tf.methods.mean_teacher import MeanTeacher
 from simclr_tf.methods.pretrain import Pretrain
+from simclr_tf.methods.pu import Pu
 from simclr_tf.methods.s4l import S4l
 from simclr_tf.methods.uda import Uda
 
 METHODS: dict[str, type[Method]] = {
     method.name: method
-    for method in (Pretrain, Finetune, Supervised, Distill, FixMatch, Uda, MeanTeacher, DebiasMatch, Dst, S4l, Adapt)
+    for method in (Pretrain, Finetune, Supervised, Distill, FixMatch, Uda, MeanTeacher, DebiasMatch, Dst, S4l, Adapt, Pu)
 }

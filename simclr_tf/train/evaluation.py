@@ -56,8 +56,9 @@ def _supervised_metrics(experiment: Experiment, model: keras.Model) -> dict[str,
 
     def replica_fn(batch):
         outputs = steps_lib.eval_step(batch, model=model)
-        top_1.update_state(outputs["label"], outputs["logits"])
-        top_5.update_state(outputs["label"], outputs["logits"])
+        labels = experiment.method.eval_labels(outputs["label"])
+        top_1.update_state(labels, outputs["logits"])
+        top_5.update_state(labels, outputs["logits"])
 
     run = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)), reduce_retracing=True, autograph=False)
     for batch in _limited(experiment.eval_dataset(experiment.config.data.eval_split), experiment):
