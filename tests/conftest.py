@@ -72,3 +72,34 @@ def run_py_command(model_dir, **flags) -> list[str]:
 def tiny_run_command():
     """`run_py_command`, for test modules (imported by path, they cannot import conftest)."""
     return run_py_command
+
+
+def _tiny_method_config(train_mode: str, **sections):
+    """A Config of ResNet-10 x0.25 at 16 px on 32 embedded digits, one step of 8, no k-NN."""
+    from simclr_tf.config import Config
+
+    config = Config.demo().replace(
+        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 2},
+        data={"dataset": "mnist5k", "train_split": "train[:32]", "eval_split": "validation[:16]"},
+        optim={"optimizer": "momentum", "learning_rate": 0.1, "warmup_epochs": 0},
+        train={"train_mode": train_mode, "mode": "train", "train_steps": 1, "train_batch_size": 8,
+               "eval_batch_size": 16, "log_every_steps": 1, "keep_hub_module_max": 0,
+               "knn_eval": False, "linear_probe_eval": False},
+    )
+    return config.replace(**sections)
+
+
+@pytest.fixture
+def tiny_method_config():
+    """`_tiny_method_config(train_mode, **sections)`: tiny in-process runs of any train mode."""
+    return _tiny_method_config
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory) -> str:
+    """A one-step `supervised` run of `tiny_method_config`: a classifier to start from or teach with."""
+    from simclr_tf.train import train_and_evaluate
+
+    model_dir = str(tmp_path_factory.mktemp("tiny_classifier"))
+    train_and_evaluate(_tiny_method_config("supervised"), model_dir)
+    return model_dir

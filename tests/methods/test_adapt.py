@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.config import Config, FlagError
+from simclr_tf.config import FlagError
 from simclr_tf.methods.adapt import adapt_loss, entropy_loss, gce_loss, is_batch_norm_affine
 from simclr_tf.train import train_and_evaluate, trainer
 from simclr_tf.train.experiment import Experiment
@@ -78,29 +78,9 @@ def test_true_labels_only_reach_the_monitoring_metric(loss):
     np.testing.assert_allclose(metrics["mean_confidence"].numpy(), _softmax(logits.numpy()).max(axis=1).mean(), rtol=1e-5)
 
 
-def tiny_config(train_mode: str, **sections) -> Config:
-    config = Config.demo().replace(
-        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 2},
-        data={"dataset": "mnist5k", "train_split": "train[:32]", "eval_split": "validation[:16]"},
-        optim={"optimizer": "momentum", "learning_rate": 0.5, "warmup_epochs": 0},
-        train={"train_mode": train_mode, "mode": "train", "train_steps": 1, "train_batch_size": 8,
-               "eval_batch_size": 16, "log_every_steps": 1, "keep_hub_module_max": 0,
-               "knn_eval": False, "linear_probe_eval": False},
-    )
-    return config.replace(**sections)
-
-
-@pytest.fixture(scope="module")
-def source_model_dir(tmp_path_factory) -> str:
-    """A classifier trained (one step) on the source domain."""
-    model_dir = str(tmp_path_factory.mktemp("source"))
-    train_and_evaluate(tiny_config("supervised"), model_dir)
-    return model_dir
-
-
 @pytest.mark.parametrize("parameters", ["batch_norm", "all"])
-def test_a_step_trains_only_what_adapt_parameters_names(parameters, source_model_dir, tmp_path):
-    config = tiny_config("adapt", train={"checkpoint": source_model_dir}, adapt={"adapt_parameters": parameters})
+def test_a_step_trains_only_what_adapt_parameters_names(parameters, tiny_classifier_dir, tiny_method_config, tmp_path):
+    config = tiny_method_config("adapt", train={"checkpoint": tiny_classifier_dir}, adapt={"adapt_parameters": parameters})
     experiment = Experiment.create(config, str(tmp_path))
     state = trainer.build_train_state(experiment)
     assert state.restore_report.source != "scratch"
@@ -129,8 +109,8 @@ def test_a_step_trains_only_what_adapt_parameters_names(parameters, source_model
         assert any(v.path.endswith("kernel") for v in model.weights if v.path in changed)
 
 
-def test_the_loss_never_reads_the_target_labels(source_model_dir, tmp_path):
-    config = tiny_config("adapt", train={"checkpoint": source_model_dir})
+def test_the_loss_never_reads_the_target_labels(tiny_classifier_dir, tiny_method_config, tmp_path):
+    config = tiny_method_config("adapt", train={"checkpoint": tiny_classifier_dir})
     experiment = Experiment.create(config, str(tmp_path))
     state = trainer.build_train_state(experiment)
     batch = next(iter(experiment.replica_train_dataset(8)))
@@ -146,11 +126,11 @@ def test_the_loss_never_reads_the_target_labels(source_model_dir, tmp_path):
     assert float(right_metrics["pseudo_label_acc"]) == 1.0 and float(wrong_metrics["pseudo_label_acc"]) == 0.0
 
 
-def test_adapt_runs_from_the_cli_config_and_needs_a_checkpoint(source_model_dir, tmp_path):
+def test_adapt_runs_from_the_cli_config_and_needs_a_checkpoint(tiny_classifier_dir, tiny_method_config, tmp_path):
     result = train_and_evaluate(
-        tiny_config("adapt", train={"checkpoint": source_model_dir, "mode": "train_then_eval"}),
+        tiny_method_config("adapt", train={"checkpoint": tiny_classifier_dir, "mode": "train_then_eval"}),
         str(tmp_path / "adapted"),
     )
     assert result["global_step"] == 1 and 0 <= result["eval/label_top_1_accuracy"] <= 1
     with pytest.raises(FlagError, match="^--checkpoint"):
-        train_and_evaluate(tiny_config("adapt"), str(tmp_path / "no_source"))
+        train_and_evaluate(tiny_method_config("adapt"), str(tmp_path / "no_source"))

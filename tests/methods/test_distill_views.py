@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.config import Config, FlagError, validate
+from simclr_tf.config import FlagError, validate
 from simclr_tf.methods import common
-from simclr_tf.train import train_and_evaluate, trainer
+from simclr_tf.train import trainer
 from simclr_tf.train.experiment import Experiment
 
 
@@ -37,24 +37,6 @@ def test_mixup_draw_is_beta_distributed_seeded_and_pairs_by_a_permutation():
     assert not np.array_equal(other, weights)
 
 
-def tiny_config(train_mode: str, **sections) -> Config:
-    config = Config.demo().replace(
-        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 2},
-        data={"dataset": "mnist5k", "train_split": "train[:32]", "eval_split": "validation[:16]"},
-        optim={"optimizer": "momentum", "learning_rate": 0.1, "warmup_epochs": 0},
-        train={"train_mode": train_mode, "mode": "train", "train_steps": 1, "train_batch_size": 8,
-               "keep_hub_module_max": 0, "knn_eval": False, "linear_probe_eval": False},
-    )
-    return config.replace(**sections)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> str:
-    model_dir = str(tmp_path_factory.mktemp("teacher"))
-    train_and_evaluate(tiny_config("supervised"), model_dir)
-    return model_dir
-
-
 def _reference_loss(teacher_logits, student_logits, temperature):
     def log_softmax(x):
         x = np.asarray(x, np.float64) / temperature
@@ -64,8 +46,8 @@ def _reference_loss(teacher_logits, student_logits, temperature):
 
 
 @pytest.mark.parametrize("views,alpha", [("consistent", 0.5), ("fixed", 0.0)])
-def test_teacher_and_student_see_the_views_the_flags_name(views, alpha, teacher_dir, tmp_path):
-    config = tiny_config("distill", distill={"teacher_checkpoint": teacher_dir, "distill_temperature": 2.0,
+def test_teacher_and_student_see_the_views_the_flags_name(views, alpha, tiny_classifier_dir, tiny_method_config, tmp_path):
+    config = tiny_method_config("distill", distill={"teacher_checkpoint": tiny_classifier_dir, "distill_temperature": 2.0,
                                              "distill_views": views, "mixup_alpha": alpha})
     experiment = Experiment.create(config, str(tmp_path))
     state = trainer.build_train_state(experiment)
@@ -93,8 +75,8 @@ def test_teacher_and_student_see_the_views_the_flags_name(views, alpha, teacher_
     np.testing.assert_allclose(float(loss), _reference_loss(teacher_logits, student_logits, 2.0), rtol=1e-5)
 
 
-def test_mixup_needs_consistent_views():
-    config = tiny_config("distill", distill={"teacher_checkpoint": "t", "distill_views": "fixed", "mixup_alpha": 0.2})
+def test_mixup_needs_consistent_views(tiny_method_config):
+    config = tiny_method_config("distill", distill={"teacher_checkpoint": "t", "distill_views": "fixed", "mixup_alpha": 0.2})
     with pytest.raises(FlagError, match="^--mixup_alpha"):
         validate(config)
     with pytest.raises(FlagError, match="^--distill_views"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.config import Config, FlagError
+from simclr_tf.config import FlagError
 from simclr_tf.data import LabeledSubset, labeled_subset_indices
 from simclr_tf.methods.pu import positive_class_ids, pu_loss
 from simclr_tf.train import evaluation, train_and_evaluate, trainer
@@ -79,21 +79,14 @@ def test_a_class_restricted_subset_keeps_what_the_full_subset_keeps_of_those_cla
     assert not LabeledSubset(classes=(1,)).is_everything
 
 
-def tiny_config(**sections) -> Config:
-    config = Config.demo().replace(
-        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 2},
-        data={"dataset": "mnist5k", "train_split": "train[:64]", "eval_split": "validation[:16]",
-              "labeled_per_class": 4},
-        optim={"optimizer": "momentum", "learning_rate": 0.1, "warmup_epochs": 0},
-        train={"train_mode": "pu", "mode": "train", "train_steps": 1, "train_batch_size": 4,
-               "keep_hub_module_max": 0, "knn_eval": False, "linear_probe_eval": False},
-        pu={"positive_classes": "3,5", "pu_prior": 0.2},
-    )
-    return config.replace(**sections)
+def pu_config(tiny_method_config, **sections):
+    return tiny_method_config("pu", data={"train_split": "train[:64]", "labeled_per_class": 4},
+                              train={"train_batch_size": 4},
+                              pu={"positive_classes": "3,5", "pu_prior": 0.2}).replace(**sections)
 
 
-def test_a_step_reads_positives_only_as_labeled_and_never_the_unlabeled_labels(tmp_path):
-    experiment = Experiment.create(tiny_config(), str(tmp_path))
+def test_a_step_reads_positives_only_as_labeled_and_never_the_unlabeled_labels(tiny_method_config, tmp_path):
+    experiment = Experiment.create(pu_config(tiny_method_config), str(tmp_path))
     state = trainer.build_train_state(experiment)
     assert state.model.supervised_head.weights[0].shape[-1] == 2
     batch = next(iter(experiment.replica_train_dataset(4)))
@@ -106,11 +99,11 @@ def test_a_step_reads_positives_only_as_labeled_and_never_the_unlabeled_labels(t
     assert float(loss) == float(corrupted)
 
 
-def test_evaluation_measures_binary_accuracy(tmp_path):
-    result = train_and_evaluate(tiny_config(train={"mode": "train_then_eval"}), str(tmp_path / "run"))
+def test_evaluation_measures_binary_accuracy(tiny_method_config, tmp_path):
+    result = train_and_evaluate(pu_config(tiny_method_config, train={"mode": "train_then_eval"}), str(tmp_path / "run"))
     assert result["global_step"] == 1 and 0 <= result["eval/label_top_1_accuracy"] <= 1
     # A classifier that always says "negative" scores the negatives' share of the split.
-    experiment = Experiment.create(tiny_config(), str(tmp_path / "constant"))
+    experiment = Experiment.create(pu_config(tiny_method_config), str(tmp_path / "constant"))
     model = trainer.build_train_state(experiment).model
     kernel, bias = model.supervised_head.weights
     kernel.assign(tf.zeros_like(kernel))

@@ -2,20 +2,11 @@
 
 import json
 
-from simclr_tf.config import Config
-from simclr_tf.train import train_and_evaluate
 
-
-def test_report_of_two_corruptions_then_reuse(tmp_path):
+def test_report_of_two_corruptions_then_reuse(tiny_classifier_dir, tmp_path):
     from tools import adapt_report
 
-    source = tmp_path / "source"
-    train_and_evaluate(Config.demo().replace(
-        model={"resnet_depth": 10, "width_multiplier": 0.25, "image_size": 16, "num_proj_layers": 2},
-        data={"dataset": "mnist5k", "train_split": "train[:32]", "eval_split": "validation[:16]"},
-        train={"train_mode": "supervised", "mode": "train", "train_steps": 1, "train_batch_size": 8,
-               "keep_hub_module_max": 0, "knn_eval": False, "linear_probe_eval": False},
-    ), str(source))
+    source = tiny_classifier_dir
     out = tmp_path / "report"
     argv = [f"--checkpoint={source}", "--dataset=mnist5k", "--split=validation[:24]",
             "--corruptions=contrast,gaussian_noise", "--severities=3", "--adapt_epochs=1",
