@@ -17,7 +17,6 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from simclr_tf.config import FlagError
 from simclr_tf.methods import base, semi
 
 Metrics = dict[str, tf.Tensor]
@@ -83,11 +82,9 @@ class Adapt(base.Method):
 
     @classmethod
     def check_flags(cls, config, *, resuming: bool) -> None:
-        if config.train.mode != "eval" and not config.train.checkpoint and not resuming:
-            raise FlagError(
-                "--checkpoint: --train_mode=adapt adapts a trained classifier; pass the model_dir "
-                "of a finetune, supervised or semi-supervised run (trained on the source domain)."
-            )
+        base.require_checkpoint(config, resuming=resuming, what=(
+            "--train_mode=adapt adapts a trained classifier; pass the model_dir of a finetune, "
+            "supervised or semi-supervised run (trained on the source domain)."))
 
     def metric_names(self, model: keras.Model) -> tuple[str, ...]:
         return ADAPT_METRICS + ("pseudo_label_acc",)

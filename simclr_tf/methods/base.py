@@ -129,6 +129,17 @@ class Method:
         return tf.reshape(tf.transpose(images, [1, 0, 2, 3, 4]), [-1, *images.shape[2:]])
 
 
+def require_checkpoint(config, *, resuming: bool, what: str) -> None:
+    """Raises FlagError unless --checkpoint is given (or the run resumes, or only evaluates).
+
+    `what`: the message after "--checkpoint: ", saying what the mode needs and why.
+    """
+    from simclr_tf.config import FlagError
+
+    if config.train.mode != "eval" and not config.train.checkpoint and not resuming:
+        raise FlagError(f"--checkpoint: {what}")
+
+
 def start_example(start_step: int, examples_per_step: int, context: tf.distribute.InputContext | None) -> int:
     """Examples one input pipeline has read after `start_step` global steps."""
     pipelines = context.num_input_pipelines if context is not None else 1

@@ -6,7 +6,6 @@ import keras
 import tensorflow as tf
 
 from simclr_tf import losses
-from simclr_tf.config import FlagError
 from simclr_tf.methods import base
 
 
@@ -18,12 +17,9 @@ class Finetune(base.Method):
 
     @classmethod
     def check_flags(cls, config, *, resuming: bool) -> None:
-        if config.train.mode != "eval" and not config.train.checkpoint and not resuming:
-            raise FlagError(
-                "--checkpoint: --train_mode=finetune needs --checkpoint (a pretraining model_dir "
-                "or checkpoint) when --model_dir holds no checkpoint; use --train_mode=supervised "
-                "to train from scratch."
-            )
+        base.require_checkpoint(config, resuming=resuming, what=(
+            "--train_mode=finetune needs --checkpoint (a pretraining model_dir or checkpoint) when "
+            "--model_dir holds no checkpoint; use --train_mode=supervised to train from scratch."))
 
     def __call__(self, model: keras.Model, batch: base.Batch) -> tuple[tf.Tensor, base.Metrics]:
         outputs = model(batch["image"], training=True)
