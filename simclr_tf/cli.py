@@ -116,6 +116,7 @@ flags.DEFINE_enum("adapt_parameters", _d.adapt.adapt_parameters, list(config_lib
 flags.DEFINE_string("positive_classes", _d.pu.positive_classes, "pu: comma-separated ids or names of the positive classes; every other class is negative.")
 flags.DEFINE_float("pu_prior", _d.pu.pu_prior, "pu: the fraction of positives among the unlabeled images (class prior pi, assumed known).")
 flags.DEFINE_enum("pu_loss", _d.pu.pu_loss, list(config_lib.PU_LOSSES), "pu: nnpu (non-negative PU risk) or unlabeled_as_negative (the biased baseline).")
+flags.DEFINE_enum("pu_surrogate", _d.pu.pu_surrogate, list(config_lib.PU_SURROGATES), "pu: the surrogate loss l(z) of a score: sigmoid(-z) (the paper's) or logistic softplus(-z), whose gradient does not vanish on wrongly scored examples.")
 flags.DEFINE_float("nnpu_beta", _d.pu.nnpu_beta, "pu: nnPU's beta: a negative-risk estimate below -beta is pushed back up.")
 flags.DEFINE_float("nnpu_gamma", _d.pu.nnpu_gamma, "pu: nnPU's gamma: the scale of that push.")
 # --- runtime

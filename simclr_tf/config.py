@@ -24,6 +24,7 @@ TRAIN_MODES += ("adapt",)
 # Positive-unlabeled binary classification (methods/pu.py).
 TRAIN_MODES += ("pu",)
 PU_LOSSES = ("nnpu", "unlabeled_as_negative")
+PU_SURROGATES = ("sigmoid", "logistic")
 ADAPT_LOSSES = ("entropy", "gce")
 ADAPT_PARAMETERS = ("batch_norm", "all")
 TSA_SCHEDULES = ("none", "linear", "log", "exp")
@@ -253,6 +254,8 @@ class PuConfig:
     pu_prior: float = 0.0
     # "nnpu": Kiryo et al.'s non-negative risk; "unlabeled_as_negative": the biased baseline.
     pu_loss: str = "nnpu"
+    # The surrogate l(z) of the 0-1 loss: "sigmoid" (the paper's) or "logistic".
+    pu_surrogate: str = "sigmoid"
     # nnPU's beta and gamma: below -beta the negative risk is pushed up, scaled by gamma.
     nnpu_beta: float = 0.0
     nnpu_gamma: float = 1.0
@@ -451,6 +454,8 @@ def validate(config: Config) -> None:
     pu = config.pu
     if pu.pu_loss not in PU_LOSSES:
         fail("pu_loss", f"{pu.pu_loss!r} is not one of {PU_LOSSES}.")
+    if pu.pu_surrogate not in PU_SURROGATES:
+        fail("pu_surrogate", f"{pu.pu_surrogate!r} is not one of {PU_SURROGATES}.")
     if t.train_mode == "pu":
         if not pu.positive_classes.strip():
             fail("positive_classes", "--train_mode=pu needs the positive classes, e.g. --positive_classes=3 or =cat.")

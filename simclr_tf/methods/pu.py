@@ -3,8 +3,8 @@
 Kiryo et al., "Positive-Unlabeled Learning with Non-Negative Risk Estimator" (NeurIPS
 2017). Labeled images exist for the positive classes only (`--positive_classes`, the
 `--labeled_fraction` / `--labeled_per_class` subset of them); the unlabeled images (the
-whole train split) hold positives at a known rate pi (`--pu_prior`). With the sigmoid
-loss l(z) = sigmoid(-z) of a score g(x):
+whole train split) hold positives at a known rate pi (`--pu_prior`). With a surrogate
+loss l of a score g(x) (`--pu_surrogate`: sigmoid(-z), the paper's, or softplus(-z)):
   R = pi E_P[l(g)] + max(-beta, E_U[l(-g)] - pi E_P[l(-g)]),
 and when the negative part falls below -beta its gradient is reversed and scaled by gamma
 (`--nnpu_beta`, `--nnpu_gamma`), as the reference code kiryor/nnPUlearning `pu_loss.py`.
@@ -28,8 +28,12 @@ Metrics = dict[str, tf.Tensor]
 PU_METRICS = ("pu_risk", "positive_risk", "negative_risk")
 
 
-def _sigmoid_loss(scores: tf.Tensor) -> tf.Tensor:
-    return tf.sigmoid(-scores)
+# l(z): the loss of score z for the label +1 (l(-z) for -1), as the reference's --loss.
+SURROGATES = {
+    "sigmoid": lambda z: tf.sigmoid(-z),
+    # Unbounded, so a wrongly scored example keeps a gradient (sigmoid's vanishes).
+    "logistic": lambda z: tf.nn.softplus(-z),
+}
 
 
 def pu_loss(
@@ -38,6 +42,7 @@ def pu_loss(
     unlabeled_scores: tf.Tensor,
     prior: float,
     loss: str = "nnpu",
+    surrogate: str = "sigmoid",
     beta: float = 0.0,
     gamma: float = 1.0,
 ) -> tuple[tf.Tensor, Metrics]:
@@ -48,18 +53,19 @@ def pu_loss(
       unlabeled_scores: (U,) scores of unlabeled images.
       prior: pi, the positives' rate among the unlabeled images.
       loss: "nnpu" or "unlabeled_as_negative".
+      surrogate: l, "sigmoid" (the paper's) or "logistic".
     """
+    ell = SURROGATES[surrogate]
     positive_scores = tf.cast(positive_scores, tf.float32)
     unlabeled_scores = tf.cast(unlabeled_scores, tf.float32)
-    positive_risk = prior * tf.reduce_mean(_sigmoid_loss(positive_scores))
+    positive_risk = prior * tf.reduce_mean(ell(positive_scores))
     if loss == "unlabeled_as_negative":
-        negative_risk = (1.0 - prior) * tf.reduce_mean(_sigmoid_loss(-unlabeled_scores))
+        negative_risk = (1.0 - prior) * tf.reduce_mean(ell(-unlabeled_scores))
         risk = positive_risk + negative_risk
         return risk, {"pu_risk": risk, "positive_risk": positive_risk, "negative_risk": negative_risk}
     if loss != "nnpu":
         raise ValueError(f"pu_loss: loss must be 'nnpu' or 'unlabeled_as_negative', got {loss!r}")
-    negative_risk = (tf.reduce_mean(_sigmoid_loss(-unlabeled_scores))
-                     - prior * tf.reduce_mean(_sigmoid_loss(-positive_scores)))
+    negative_risk = tf.reduce_mean(ell(-unlabeled_scores)) - prior * tf.reduce_mean(ell(-positive_scores))
     overfitting = negative_risk < -beta
     risk = tf.where(overfitting, positive_risk - beta, positive_risk + negative_risk)
     # Below -beta, descend on -gamma * negative_risk: push the negative risk back up.
@@ -128,7 +134,7 @@ class Pu(base.Method):
         positive, unlabeled = tf.split(scores, [tf.shape(batch["image"])[0], -1])
         pu = self.config.pu
         loss, metrics = pu_loss(positive_scores=positive, unlabeled_scores=unlabeled, prior=pu.pu_prior,
-                                loss=pu.pu_loss, beta=pu.nnpu_beta, gamma=pu.nnpu_gamma)
+                                loss=pu.pu_loss, surrogate=pu.pu_surrogate, beta=pu.nnpu_beta, gamma=pu.nnpu_gamma)
         # Monitoring only: binary accuracy on the unlabeled images against their hidden labels.
         hits = tf.equal(tf.cast(unlabeled > 0, tf.int32), self.eval_labels(batch["unlabeled_label"]))
         metrics["unlabeled_acc"] = tf.reduce_mean(tf.cast(hits, tf.float32))

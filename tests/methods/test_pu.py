@@ -62,6 +62,18 @@ def test_unlabeled_as_negative_is_the_biased_risk():
     np.testing.assert_allclose(loss, 0.2 * _sigmoid(-positive).mean() + 0.8 * _sigmoid(unlabeled).mean(), rtol=1e-6)
 
 
+def test_the_logistic_surrogate_is_softplus():
+    positive, unlabeled = np.array([0.5, -1.0], np.float32), np.array([2.0, -0.5, 0.1], np.float32)
+
+    def softplus(z):
+        return np.log1p(np.exp(np.asarray(z, np.float64)))
+
+    _, metrics, _, _ = _value_and_grads(positive, unlabeled, prior=0.2, surrogate="logistic")
+    np.testing.assert_allclose(metrics["positive_risk"], 0.2 * softplus(-positive).mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["negative_risk"], softplus(unlabeled).mean() - 0.2 * softplus(positive).mean(),
+                               rtol=1e-6)
+
+
 def test_positive_classes_by_name_or_id():
     names = ["airplane", "cat", "dog"]
     assert positive_class_ids("cat", names) == (1,)
