@@ -26,6 +26,12 @@ GLOBAL_BATCH = 8
 # Relative to each variable's scale; float32 sums in another order (all-reduce vs one
 # batch, one-pass synchronised moments) measure ~1e-6.
 TOLERANCE = 1e-4
+# Some updates are sums that nearly cancel: a batch norm's offset feeding (through a
+# mostly active ReLU and a conv) another batch norm gets a gradient close to 0, so its
+# rounding error relative to itself reaches 1e-3 (seen in CI: S4L at depth 18, stem and
+# block offsets 4e-4..1.5e-3). The one-replica step on the same examples in another order
+# measures that floor per variable; two replicas may differ by NOISE_FACTOR times it.
+NOISE_FACTOR = 10
 pytestmark = pytest.mark.slow  # ~20 s per test: two strategies' steps traced
 
 
@@ -94,6 +100,33 @@ def replica_slices(batch: dict[str, np.ndarray], replicas: int) -> list[dict[str
     return out
 
 
+def reordered(batch: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarray]:
+    """The same examples in another order (each stream permuted, every view alike).
+
+    Every mode's loss, batch statistics and update are the same function of the examples
+    in any order, so the difference from the original order is float32 rounding alone.
+    """
+    rng = np.random.default_rng(seed)
+    streams = {"label": None, "labeled_label": None, "unlabeled_label": None}
+    for key in streams:
+        if key in batch:
+            streams[key] = rng.permutation(len(batch[key]))
+    out = {}
+    for key, value in batch.items():
+        order = streams[_stream_of(key)]
+        views = len(value) // len(order)
+        out[key] = np.concatenate([v[order] for v in np.split(value, views)])
+    return out
+
+
+def _stream_of(key: str) -> str:
+    """The label key of the stream a batch key belongs to ("image" -> "label", ...)."""
+    for prefix in ("unlabeled", "labeled"):
+        if key.startswith(prefix):
+            return f"{prefix}_label"
+    return "label"
+
+
 def local_values(strategy: tf.distribute.Strategy, variable) -> list[np.ndarray]:
     # A Keras variable's `value` is its tf.Variable; a tf.Variable's is a method.
     value = variable if callable(variable.value) else variable.value
@@ -144,10 +177,17 @@ def max_difference(single, distributed, strategy) -> dict[str, float]:
     return out
 
 
-def assert_same_variables(single, distributed, strategy, what: str, tolerance: float = TOLERANCE):
+def assert_same_variables(single, distributed, strategy, what: str, noise: dict[str, float] | None = None):
+    """Every variable within TOLERANCE, or NOISE_FACTOR times its rounding floor `noise`."""
     differences = max_difference(single, distributed, strategy)
-    bad = {k: v for k, v in differences.items() if v > tolerance}
-    assert not bad, f"{what} differ: {bad}"
+    noise = noise or {}
+    bad = {k: (v, noise.get(k, 0.0)) for k, v in differences.items()
+           if v > max(TOLERANCE, NOISE_FACTOR * noise.get(k, 0.0))}
+    assert not bad, f"{what} differ (difference, rounding floor): {bad}"
+
+
+def rounding_floor(single, other) -> dict[str, float]:
+    return max_difference(single, other, tf.distribute.get_strategy())
 
 
 # The semi-supervised steps (B + 2 mu B rows) once differed for some initialisations by up
@@ -165,6 +205,7 @@ def test_two_replicas_match_one_replica(train_mode, tmp_path, two_cpu_strategy, 
 
     single, initial, (single_loss,) = one_step(config, tmp_path / "single", default, batch)
     assert not single.model.global_bn  # one replica: nothing to synchronise
+    other, _, _ = one_step(config, tmp_path / "reordered", default, reordered(batch), weights=initial)
     dist, _, dist_losses = one_step(config, tmp_path / "mirrored", two_cpu_strategy, batch, weights=initial)
     assert dist.model.global_bn and len(dist_losses) == 2
 
@@ -174,14 +215,14 @@ def test_two_replicas_match_one_replica(train_mode, tmp_path, two_cpu_strategy, 
     before = dict(zip((id(v) for v in single.model.weights), initial[0]))
     moved = [np.abs(v.numpy() - before[id(v)]).max() for v in single.model.trainable_variables]
     assert np.median(moved) > 1e-4 and max(moved) > 1e-2
-    assert_same_variables(single.model.trainable_variables, dist.model.trainable_variables,
-                          two_cpu_strategy, "weights")
+    assert_same_variables(single.model.trainable_variables, dist.model.trainable_variables, two_cpu_strategy,
+                          "weights", rounding_floor(single.model.trainable_variables, other.model.trainable_variables))
     moving = [v for v in single.model.non_trainable_variables if "moving_" in v.path]
     assert moving
     assert_same_variables(moving, [v for v in dist.model.non_trainable_variables if "moving_" in v.path],
                           two_cpu_strategy, "BN statistics")
     assert_same_variables(single.optimizer.variables, dist.optimizer.variables, two_cpu_strategy,
-                          "optimizer")
+                          "optimizer", rounding_floor(single.optimizer.variables, other.optimizer.variables))
     assert int(dist.optimizer.iterations.numpy()) == 1
     # The method's own state: the weight average, extra heads, running statistics.
     single_items, dist_items = single.method.checkpoint_items(), dist.method.checkpoint_items()
@@ -189,8 +230,10 @@ def test_two_replicas_match_one_replica(train_mode, tmp_path, two_cpu_strategy, 
         set() if train_mode not in SEMI_SUPERVISED_MODES
         else {"ema_model", *{"debiasmatch": ["debiasmatch"], "dst": ["dst_heads"], "s4l": ["rotation_head"]}.get(train_mode, [])}
     )
+    other_items = other.method.checkpoint_items()
     for key in single_items:
-        assert_same_variables(_variables(single_items[key]), _variables(dist_items[key]), two_cpu_strategy, key)
+        assert_same_variables(_variables(single_items[key]), _variables(dist_items[key]), two_cpu_strategy, key,
+                              rounding_floor(_variables(single_items[key]), _variables(other_items[key])))
 
 
 def _variables(item) -> list:
