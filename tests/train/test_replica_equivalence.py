@@ -13,6 +13,7 @@ shared with the traced two-replica step, and it costs ~1 s instead of ~6 s of tr
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -60,10 +61,16 @@ def tiny_config(train_mode: str, checkpoint: str | None, global_bn: bool = True)
     )
 
 
+# Initial weights (the checkpoint's, and pretrain's and pu's own) are seeded so that a
+# failure can be rerun: unseeded, they came from whatever earlier tests on the worker left.
+INIT_SEED = 0
+
+
 @pytest.fixture(scope="module")
 def classifier_checkpoint(tmp_path_factory) -> str:
     """A fine-tuning-shaped model's weights: the finetune init and the distill teacher."""
     config = tiny_config("finetune", checkpoint="unused")
+    keras.utils.set_random_seed(INIT_SEED)
     model = models.build_model(config.model, num_classes=10, drop_unused_projection_layers=True)
     return tf.train.Checkpoint(model=model).write(str(tmp_path_factory.mktemp("teacher") / "ckpt-1"))
 
@@ -198,7 +205,12 @@ def rounding_floor(single, other) -> dict[str, float]:
 # KNOWN, UNEXPLAINED (issue 11's note of stop 22): now and then (1-2 of these 12 cases a
 # run) the stem's batch-norm offset after two replicas differs from one replica by
 # 1.3e-4..1.5e-3 of its scale, about 60x the rounding floor measured on the same step, so
-# it is not reordering noise; which case fails changes from run to run (unseeded inits).
+# it is not reordering noise; which case fails changed from run to run (unseeded inits).
+# Stop 23 could not reproduce it: fixmatch from 16 seeded inits, and this module once
+# under -n 2 with other jobs on the cores, all within 5x the floor (most within 3x);
+# pixels shifted by +5 (one-pass variance cancelling) and a two-pass cross-replica
+# variance changed nothing. The inits are now seeded (INIT_SEED): a failure in CI
+# with this seed is either scheduling-dependent (rerun here) or init-dependent (found).
 # Marked non-strict xfail so the discrepancy stays visible in every report (XFAIL) while
 # it is investigated; the control test below still must detect per-replica batch norm.
 @pytest.mark.xfail(strict=False, reason="intermittent cross-replica difference in batch-norm offsets; see comment")
@@ -206,6 +218,7 @@ def rounding_floor(single, other) -> dict[str, float]:
                                         *SEMI_SUPERVISED_MODES, "adapt", "pu"])
 def test_two_replicas_match_one_replica(train_mode, tmp_path, two_cpu_strategy, classifier_checkpoint):
     config = tiny_config(train_mode, classifier_checkpoint if train_mode not in ("pretrain", "pu") else None)
+    keras.utils.set_random_seed(INIT_SEED)
     default = tf.distribute.get_strategy()
     experiment = Experiment.create(config, str(tmp_path / "data"), default)
     batch = random_batch(experiment.replica_train_dataset(GLOBAL_BATCH).element_spec)
