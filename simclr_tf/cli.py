@@ -61,7 +61,7 @@ flags.DEFINE_integer("labeled_per_class", _d.data.labeled_per_class, "If > 0, us
 flags.DEFINE_integer("labeled_seed", _d.data.labeled_seed, "Seed choosing the labeled subset (nested: 1% is inside 10% for the same seed).")
 # --- what to run
 flags.DEFINE_enum("mode", _d.train.mode, list(config_lib.MODES), "Whether to train, evaluate (following new checkpoints), or both. The default is the original's; the original READMEs' pretraining commands rely on it.")
-flags.DEFINE_enum("train_mode", _d.train.train_mode, list(config_lib.TRAIN_MODES), "pretrain (contrastive), finetune (labels, from --checkpoint), distill (a teacher's soft labels), supervised (labels, from scratch), or a semi-supervised method on labeled + unlabeled batches: fixmatch, uda, mean_teacher, debiasmatch, dst, s4l (from scratch, or from --checkpoint), adapt (a trained classifier from --checkpoint adapts to unlabeled images of --dataset), or pu (positive-unlabeled binary classification).")
+flags.DEFINE_enum("train_mode", _d.train.train_mode, list(config_lib.TRAIN_MODES), "pretrain (contrastive), finetune (labels, from --checkpoint), distill (a teacher's soft labels), supervised (labels, from scratch), or a semi-supervised method on labeled + unlabeled batches: fixmatch, uda, mean_teacher, debiasmatch, dst, s4l, mpl (from scratch, or from --checkpoint), adapt (a trained classifier from --checkpoint adapts to unlabeled images of --dataset), pu (positive-unlabeled binary classification), or noisy_student (rounds of a teacher's balanced pseudo-labels training a noised student; --teacher_checkpoint, --iterations).")
 flags.DEFINE_bool("lineareval_while_pretraining", _d.train.lineareval_while_pretraining, "Train a linear head on stop-gradient features while pretraining.")
 flags.DEFINE_string("checkpoint", _d.train.checkpoint, "Checkpoint (prefix or directory) to initialise from when model_dir holds none, e.g. a pretraining run for fine-tuning; with --mode=eval it is evaluated once. Original SimCLR checkpoints: convert them with tools/convert_checkpoint.py.")
 flags.DEFINE_bool("zero_init_logits_layer", _d.model.zero_init_logits_layer, "Zero-initialise the supervised head after restoring --checkpoint.")
@@ -76,7 +76,7 @@ flags.DEFINE_bool("linear_probe_eval", _d.train.linear_probe_eval, "Also fit a l
 flags.DEFINE_float("knn_temperature", _d.train.knn_temperature, "Temperature of the k-NN vote weights exp(similarity / T).")
 flags.DEFINE_integer("knn_bank_size", _d.train.knn_bank_size, "Most train examples in the k-NN memory bank: above it, a class-balanced subset chosen with --seed. 0 = the whole train split.")
 # --- distillation
-flags.DEFINE_string("teacher_checkpoint", _d.distill.teacher_checkpoint, "Fine-tuned teacher (model_dir or checkpoint prefix) for --train_mode=distill.")
+flags.DEFINE_string("teacher_checkpoint", _d.distill.teacher_checkpoint, "Fine-tuned teacher (model_dir or checkpoint prefix) for --train_mode=distill, and the first round's teacher of --train_mode=noisy_student.")
 flags.DEFINE_float("distill_temperature", _d.distill.distill_temperature, "Temperature of the teacher's and student's softmax in the distillation loss.")
 flags.DEFINE_float("distill_label_weight", _d.distill.distill_label_weight, "w in (1 - w) * distillation loss + w * cross-entropy on the labeled subset; 0 = labels unused.")
 flags.DEFINE_enum("distill_views", _d.distill.distill_views, list(config_lib.DISTILL_VIEWS), "distill: consistent (teacher and student see the same augmented view) or fixed (the teacher sees the image un-augmented, the student an augmented view). Not in the original (its distillation is consistent).")
@@ -89,10 +89,10 @@ flags.DEFINE_enum("teacher_proj_head_mode", None, list(config_lib.PROJ_HEAD_MODE
 flags.DEFINE_integer("teacher_num_proj_layers", None, "Teacher projection layers (default: teacher config.json, else the student's).")
 flags.DEFINE_integer("teacher_proj_out_dim", None, "Teacher projection output size (default: teacher config.json, else the student's).")
 flags.DEFINE_integer("teacher_ft_proj_selector", None, "Teacher's --ft_proj_selector (default: teacher config.json, else the student's).")
-# --- semi-supervised methods (--train_mode=fixmatch|uda|mean_teacher|debiasmatch|dst|s4l)
+# --- semi-supervised methods (--train_mode=fixmatch|uda|mean_teacher|debiasmatch|dst|s4l|mpl)
 flags.DEFINE_integer("unlabeled_batch_ratio", _d.semi.unlabeled_batch_ratio, "Unlabeled images per labeled one in a step (FixMatch's mu): a step reads --train_batch_size labeled and mu times as many unlabeled images; an epoch is a pass over the unlabeled ones. Not given: the method's default (7; s4l: 1, its recipe's).")
-flags.DEFINE_float("pseudo_label_threshold", _d.semi.pseudo_label_threshold, "Keep a pseudo-label only when its probability is at least this (fixmatch; debiasmatch: the debiased probability; dst: strictly above). Not given: 0.95 (debiasmatch: 0.8, DebiasPL's). An error with uda (it uses --uda_confidence), mean_teacher and s4l, which keep no pseudo-labels.")
-flags.DEFINE_float("unlabeled_loss_weight", _d.semi.unlabeled_loss_weight, "Weight of the unlabeled term (dst: of the self-training term; an error with s4l: see --rotation_loss_weight). Not given: the method's default (1; mean_teacher: 50; debiasmatch: 10).")
+flags.DEFINE_float("pseudo_label_threshold", _d.semi.pseudo_label_threshold, "Keep a pseudo-label only when its probability is at least this (fixmatch; debiasmatch: the debiased probability; dst: strictly above). Not given: 0.95 (debiasmatch: 0.8, DebiasPL's; noisy_student: 0.3, the teacher's probability for its label, as the paper's filter). An error with uda (it uses --uda_confidence), mean_teacher and s4l, which keep no pseudo-labels, and mpl, which keeps all.")
+flags.DEFINE_float("unlabeled_loss_weight", _d.semi.unlabeled_loss_weight, "Weight of the unlabeled term (dst: of the self-training term; an error with s4l: see --rotation_loss_weight, and mpl: see --mpl_uda_weight). Not given: the method's default (1; mean_teacher: 50; debiasmatch: 10).")
 flags.DEFINE_float("uda_temperature", _d.semi.uda_temperature, "UDA: sharpening temperature of the original view's prediction.")
 flags.DEFINE_float("uda_confidence", _d.semi.uda_confidence, "UDA: confidence mask threshold of the original view's prediction.")
 flags.DEFINE_enum("tsa", _d.semi.tsa, list(config_lib.TSA_SCHEDULES), "UDA: training-signal annealing schedule of the labeled loss.")
@@ -119,6 +119,15 @@ flags.DEFINE_enum("pu_loss", _d.pu.pu_loss, list(config_lib.PU_LOSSES), "pu: nnp
 flags.DEFINE_enum("pu_surrogate", _d.pu.pu_surrogate, list(config_lib.PU_SURROGATES), "pu: the surrogate loss l(z) of a score: sigmoid(-z) (the paper's) or logistic softplus(-z), whose gradient does not vanish on wrongly scored examples.")
 flags.DEFINE_float("nnpu_beta", _d.pu.nnpu_beta, "pu: nnPU's beta: a negative-risk estimate below -beta is pushed back up.")
 flags.DEFINE_float("nnpu_gamma", _d.pu.nnpu_gamma, "pu: nnPU's gamma: the scale of that push.")
+# --- Meta Pseudo Labels (--train_mode=mpl)
+flags.DEFINE_bool("mpl_self", _d.mpl.mpl_self, "mpl: Self Meta Pseudo Labels: the model is its own teacher (one model in memory); false: a separate teacher model (checkpointed as mpl_teacher).")
+flags.DEFINE_float("mpl_student_lr", _d.mpl.mpl_student_lr, "mpl: learning rate of the virtual SGD step of the student whose labeled loss before and after gives the teacher's reward. Not given: the optimizer's learning rate at that step.")
+flags.DEFINE_float("mpl_uda_weight", _d.mpl.mpl_uda_weight, "mpl: weight of the teacher's UDA consistency term (--uda_temperature, --uda_confidence, --tsa apply); 0: none.")
+flags.DEFINE_enum("mpl_pseudo_labels", _d.mpl.mpl_pseudo_labels, list(config_lib.MPL_PSEUDO_LABELS), "mpl: the student's hard label on a strong view: the teacher's argmax, or a sample of its softmax (the paper's).")
+# --- Noisy Student (--train_mode=noisy_student)
+flags.DEFINE_integer("iterations", _d.noisy_student.iterations, "noisy_student: teacher -> student rounds, each in <model_dir>/round_<i>; the student of a round teaches the next.")
+flags.DEFINE_enum("pseudo_label_type", _d.noisy_student.pseudo_label_type, list(config_lib.PSEUDO_LABEL_TYPES), "noisy_student: the targets of the pseudo-labelled images: soft (the teacher's class probabilities) or hard (one-hot of its argmax).")
+flags.DEFINE_integer("noisy_student_per_class", _d.noisy_student.noisy_student_per_class, "noisy_student: pseudo-labelled images per class after balancing (a class with fewer has its images duplicated, one with more keeps its most confident); 0 = the mean count per class of those above --pseudo_label_threshold.")
 # --- runtime
 flags.DEFINE_string("master", _d.runtime.master, "Address/name of the TensorFlow master (TPU) when --tpu_name is not given.")
 flags.DEFINE_bool("use_tpu", _d.runtime.use_tpu, "Whether to run on TPU.")
@@ -297,7 +306,7 @@ def main(argv: list[str]) -> None:
     import tensorflow as tf
 
     from simclr_tf.data.sources import bad_image_message
-    from simclr_tf.train import train_and_evaluate
+    from simclr_tf.methods.registry import METHODS
     from simclr_tf.train.checkpoints import UnreadableCheckpointError
     from simclr_tf.train.experiment import check_model_dir, write_json
     from simclr_tf.train.preemption import EXIT_CODE, Preempted
@@ -315,7 +324,8 @@ def main(argv: list[str]) -> None:
             resolved = our_flag_values(config)
             resolved["model_dir"] = model_dir
             write_json(os.path.join(model_dir, "flags.json"), resolved)
-            train_and_evaluate(config, model_dir)
+            # The train mode's whole run: one train_and_evaluate, or several (Method.run).
+            METHODS[config.train.train_mode].run(config, model_dir)
     except config_lib.FlagError as error:
         raise app.UsageError(str(error)) from None
     except UnreadableCheckpointError as error:

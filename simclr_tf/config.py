@@ -17,13 +17,18 @@ from typing import Any
 # "supervised" trains from scratch on the labels (the baseline SimCLRv2 compares with).
 TRAIN_MODES = ("pretrain", "finetune", "distill", "supervised")
 # Semi-supervised methods on labeled + unlabeled batches (simclr_tf/methods/).
-SEMI_SUPERVISED_MODES = ("fixmatch", "uda", "mean_teacher", "debiasmatch", "dst", "s4l")
+SEMI_SUPERVISED_MODES = ("fixmatch", "uda", "mean_teacher", "debiasmatch", "dst", "s4l", "mpl")
 TRAIN_MODES += SEMI_SUPERVISED_MODES
 # Adapting a trained classifier to an unlabeled, shifted target domain (methods/adapt.py).
 TRAIN_MODES += ("adapt",)
 # Positive-unlabeled binary classification (methods/pu.py).
 TRAIN_MODES += ("pu",)
+# Self-training in rounds: a teacher's pseudo-labels train a noised student (methods/noisy_student.py).
+TRAIN_MODES += ("noisy_student",)
+PSEUDO_LABEL_TYPES = ("soft", "hard")
 PU_LOSSES = ("nnpu", "unlabeled_as_negative")
+# Meta Pseudo Labels: how the teacher's prediction becomes the student's hard label.
+MPL_PSEUDO_LABELS = ("argmax", "sample")
 PU_SURROGATES = ("sigmoid", "logistic")
 ADAPT_LOSSES = ("entropy", "gce")
 ADAPT_PARAMETERS = ("batch_norm", "all")
@@ -262,6 +267,37 @@ class PuConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MplConfig:
+    """`--train_mode=mpl` (Meta Pseudo Labels; its UDA term reads the semi section's uda_* and tsa)."""
+
+    # Self Meta Pseudo Labels: one network is both teacher and student (no second model).
+    mpl_self: bool = False
+    # lr_s of the virtual student step the teacher's reward is measured on; None = the
+    # optimizer's learning rate at that step.
+    mpl_student_lr: float | None = None
+    # Weight of the teacher's UDA consistency term (MPL's CIFAR-10 script: 8; 0 = none).
+    mpl_uda_weight: float = 8.0
+    # The student's label: the teacher's "argmax" on the strong view, or a "sample" of its softmax.
+    mpl_pseudo_labels: str = "argmax"
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisyStudentConfig:
+    """`--train_mode=noisy_student`: rounds, and how the teacher's predictions become targets.
+
+    The teacher is --teacher_checkpoint (the distill section's, as its architecture flags),
+    the confidence filter --pseudo_label_threshold (the semi section's).
+    """
+
+    # Teacher -> student rounds; the student of round i teaches round i + 1.
+    iterations: int = 1
+    # "soft": the teacher's class probabilities; "hard": one-hot of its argmax.
+    pseudo_label_type: str = "soft"
+    # Pseudo-labelled images per class after balancing; 0 = the mean kept count per class.
+    noisy_student_per_class: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     # The one default that differs from the original's (True): True would fail on every
     # machine without a TPU, and all of the original READMEs' commands pass --use_tpu.
@@ -288,6 +324,8 @@ class Config:
     semi: SemiConfig = dataclasses.field(default_factory=SemiConfig)
     adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
     pu: PuConfig = dataclasses.field(default_factory=PuConfig)
+    mpl: MplConfig = dataclasses.field(default_factory=MplConfig)
+    noisy_student: NoisyStudentConfig = dataclasses.field(default_factory=NoisyStudentConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     @classmethod
@@ -333,6 +371,8 @@ SECTIONS = {
     "semi": SemiConfig,
     "adapt": AdaptConfig,
     "pu": PuConfig,
+    "mpl": MplConfig,
+    "noisy_student": NoisyStudentConfig,
     "runtime": RuntimeConfig,
 }
 
@@ -431,6 +471,9 @@ def validate(config: Config) -> None:
     if t.train_mode == "distill":
         if not x.teacher_checkpoint:
             fail("teacher_checkpoint", "distillation needs a fine-tuned teacher: pass its model_dir or checkpoint.")
+    if t.train_mode == "noisy_student" and not x.teacher_checkpoint:
+        fail("teacher_checkpoint", "--train_mode=noisy_student needs the first round's teacher, a trained "
+             "classifier (e.g. a finetune run): pass its model_dir or checkpoint.")
         if x.distill_temperature <= 0:
             fail("distill_temperature", "must be positive.")
         if not 0 <= x.distill_label_weight <= 1:
@@ -463,6 +506,20 @@ def validate(config: Config) -> None:
             fail("pu_prior", f"{pu.pu_prior} must be in (0, 1): the fraction of positives among the unlabeled images.")
     if not pu.nnpu_beta >= 0 or not pu.nnpu_gamma > 0:
         fail("nnpu_beta", "--nnpu_beta must be >= 0 and --nnpu_gamma > 0.")
+    mpl = config.mpl
+    if mpl.mpl_student_lr is not None and not mpl.mpl_student_lr > 0:
+        fail("mpl_student_lr", f"{mpl.mpl_student_lr} must be positive (or left out: the optimizer's learning rate).")
+    if not mpl.mpl_uda_weight >= 0:
+        fail("mpl_uda_weight", f"{mpl.mpl_uda_weight} must be >= 0 (0: no UDA term).")
+    if mpl.mpl_pseudo_labels not in MPL_PSEUDO_LABELS:
+        fail("mpl_pseudo_labels", f"{mpl.mpl_pseudo_labels!r} is not one of {MPL_PSEUDO_LABELS}.")
+    ns = config.noisy_student
+    if ns.iterations < 1:
+        fail("iterations", f"{ns.iterations} must be at least 1 (teacher -> student rounds).")
+    if ns.pseudo_label_type not in PSEUDO_LABEL_TYPES:
+        fail("pseudo_label_type", f"{ns.pseudo_label_type!r} is not one of {PSEUDO_LABEL_TYPES}.")
+    if ns.noisy_student_per_class < 0:
+        fail("noisy_student_per_class", "must be 0 (the mean kept count per class) or a positive count.")
     if o.optimizer not in OPTIMIZERS:
         fail("optimizer", f"{o.optimizer!r} is not one of {OPTIMIZERS}.")
     for flag in ("train_batch_size", "eval_batch_size"):

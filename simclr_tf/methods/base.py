@@ -43,6 +43,18 @@ class Method:
         self.experiment = experiment
         self.config = experiment.config
 
+    # -- what run.py runs -------------------------------------------------------------
+    @classmethod
+    def run(cls, config, model_dir: str, strategy: tf.distribute.Strategy | None = None) -> dict | None:
+        """The whole of `--train_mode`: one `train_and_evaluate` in `model_dir`, by default.
+
+        A method made of several runs overrides it (Noisy Student: a run per round, each in
+        a sub-directory); the runs themselves still go through `train_and_evaluate`.
+        """
+        from simclr_tf.train.runner import train_and_evaluate  # the runner imports the registry
+
+        return train_and_evaluate(config, model_dir, strategy)
+
     # -- checks and sizes -------------------------------------------------------------
     @classmethod
     def check_flags(cls, config, *, resuming: bool) -> None:

@@ -10,6 +10,8 @@ from simclr_tf.methods.dst import Dst
 from simclr_tf.methods.finetune import Finetune, Supervised
 from simclr_tf.methods.fixmatch import FixMatch
 from simclr_tf.methods.mean_teacher import MeanTeacher
+from simclr_tf.methods.mpl import Mpl
+from simclr_tf.methods.noisy_student import NoisyStudent
 from simclr_tf.methods.pretrain import Pretrain
 from simclr_tf.methods.pu import Pu
 from simclr_tf.methods.s4l import S4l
@@ -17,5 +19,5 @@ from simclr_tf.methods.uda import Uda
 
 METHODS: dict[str, type[Method]] = {
     method.name: method
-    for method in (Pretrain, Finetune, Supervised, Distill, FixMatch, Uda, MeanTeacher, DebiasMatch, Dst, S4l, Adapt, Pu)
+    for method in (Pretrain, Finetune, Supervised, Distill, FixMatch, Uda, MeanTeacher, DebiasMatch, Dst, S4l, Mpl, Adapt, Pu, NoisyStudent)
 }

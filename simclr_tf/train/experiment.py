@@ -207,15 +207,17 @@ class Experiment:
         subset: data_lib.LabeledSubset | None = None,
         start_example: int = 0,
         cache: bool,
+        source: data_lib.Source | None = None,
     ) -> tf.data.Dataset:
         """Batches of the train split (or its labeled `subset`) for one input pipeline.
 
         Crop and flip only unless told otherwise (fine-tuning and distillation augment so,
         as the paper); `view_fns` replace SimCLR's augmentation (see `data.build_dataset`).
+        `source` replaces the run's (e.g. a method's selection of the train split's examples).
         """
         cfg = self.config
         return data_lib.build_dataset(
-            self.source,
+            source or self.source,
             split=cfg.data.train_split,
             batch_size=batch_size,
             is_training=True,

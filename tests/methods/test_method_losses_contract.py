@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.methods import debiasmatch, dst, fixmatch, mean_teacher, uda
+from simclr_tf.methods import debiasmatch, dst, fixmatch, mean_teacher, mpl, uda
 
 B, U, C = 6, 16, 5
 
@@ -58,12 +58,22 @@ def _dst(x, cast, unlabeled_labels):
     )
 
 
+def _mpl(x, cast, unlabeled_labels):
+    # The teacher's objective; the student's is a plain cross-entropy on its pseudo-labels.
+    return mpl.teacher_loss(
+        labeled_logits=cast(x["labeled"]), labels=x["labels"], weak_logits=cast(x["weak"]),
+        strong_logits=cast(x["strong"]), pseudo_labels=tf.argmax(x["strong"], axis=-1), reward=0.3,
+        confidence=0.5, unlabeled_labels=unlabeled_labels,
+    )
+
+
 METHODS = {
     "fixmatch": (_fixmatch, "pseudo_label_acc"),
     "uda": (_uda, "pseudo_label_acc"),
     "mean_teacher": (_mean_teacher, "teacher_acc"),
     "debiasmatch": (_debiasmatch, "pseudo_label_acc"),
     "dst": (_dst, "pseudo_label_acc"),
+    "mpl": (_mpl, "pseudo_label_acc"),
 }
 
 

@@ -71,14 +71,14 @@ def test_a_step_from_a_pretraining_checkpoint_then_eval_of_the_average(train_mod
     for path in glob.glob(str(tmp_path / "events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
             tags.update(value.tag for value in event.summary.value)
-    pseudo_labelling = train_mode in ("fixmatch", "uda", "debiasmatch", "dst")
+    pseudo_labelling = train_mode in ("fixmatch", "uda", "debiasmatch", "dst", "mpl")
     watched = {"train/mask_rate", "train/pseudo_label_acc", "train/pseudo_label_class_fraction"}
     assert watched <= tags if pseudo_labelling else not watched & tags
     assert {"train/supervised_loss", "train/total_loss"} <= tags
 
     # Saved: the model, its average and the method's own state.
     path = tf.train.latest_checkpoint(str(tmp_path))
-    extra = {"debiasmatch": ["debiasmatch"], "dst": ["dst_heads"], "s4l": ["rotation_head"]}
+    extra = {"debiasmatch": ["debiasmatch"], "dst": ["dst_heads"], "s4l": ["rotation_head"], "mpl": ["mpl_teacher"]}
     for root in ["model", "ema_model", *extra.get(train_mode, [])]:
         # By object path: TF keys a tensor by one of its paths, often the optimizer's.
         assert checkpoints.checkpoint_variables_by_path(path, root), root
@@ -131,7 +131,7 @@ def test_a_step_from_scratch_never_reads_unlabeled_labels_and_moves_the_average(
     for average, start, end in zip(method.average.model.trainable_weights, before, after):
         np.testing.assert_allclose(average.numpy(), 0.5 * start + 0.5 * end, rtol=1e-5, atol=1e-6)
     extra = method.extra_trainable_variables()
-    assert bool(extra) == (train_mode in ("dst", "s4l"))
+    assert bool(extra) == (train_mode in ("dst", "s4l", "mpl"))  # mpl: its teacher
 
 
 def _method_state(method) -> list:
