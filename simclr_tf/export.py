@@ -58,6 +58,11 @@ def build_export_module(model: keras.Model) -> tf.Module:
     module.variables = [v.value for v in copy.weights]
     module.trainable_variables = [v.value for v in copy.trainable_weights]
     module.non_trainable_variables = [v.value for v in copy.non_trainable_weights]
+    # The seed states of the noise layers (--dropout_rate, --stochastic_depth_rate): the
+    # training-mode signature reads them, so the SavedModel must hold them, but they are
+    # not weights (Keras' `weights` leaves them out of `variables`' list).
+    weight_ids = {id(v) for v in copy.weights}
+    module.random_states = [v.value for v in copy.variables if id(v) not in weight_ids]
     spec = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
 
     @tf.function(autograph=False)

@@ -100,6 +100,18 @@ def test_loaded_export_fine_tunes_every_weight_with_a_gradient_tape(exported):
         assert changed and np.mean(changed) > 0.9, part
 
 
+def test_a_model_with_dropout_and_stochastic_depth_exports_and_drops_only_in_training(tmp_path):
+    # Their seed states are read by the training-mode signature: an export without them failed.
+    model = _randomized_model(dropout_rate=0.5, stochastic_depth_rate=0.5)
+    loaded = tf.saved_model.load(export.export_step(model, str(tmp_path), 1, keep_max=1))
+    images = tf.constant(_images())
+    inference = loaded(images, trainable=False)
+    _assert_outputs_close({k: v.numpy() for k, v in inference.items()},
+                          {k: v.numpy() for k, v in model(images, training=False).items()})
+    first, second = (loaded(images, trainable=True)["logits_sup"].numpy() for _ in range(2))
+    assert not np.allclose(first, inference["logits_sup"].numpy()) and not np.allclose(first, second)
+
+
 def test_keep_hub_module_max_keeps_the_newest(tmp_path, monkeypatch):
     written = []
     monkeypatch.setattr(export, "write_saved_model", lambda model, path: written.append(path) or os.makedirs(path))
