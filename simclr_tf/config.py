@@ -17,7 +17,9 @@ from typing import Any
 # "supervised" trains from scratch on the labels (the baseline SimCLRv2 compares with).
 TRAIN_MODES = ("pretrain", "finetune", "distill", "supervised")
 # Semi-supervised methods on labeled + unlabeled batches (simclr_tf/methods/).
-SEMI_SUPERVISED_MODES = ("fixmatch", "uda", "mean_teacher", "debiasmatch", "dst", "s4l", "mpl")
+SEMI_SUPERVISED_MODES = ("fixmatch", "uda", "mean_teacher", "debiasmatch", "dst", "s4l", "mpl", "semivit")
+# Of those, the ones that fine-tune a trained classifier (--checkpoint required): no run from scratch.
+SEMI_SUPERVISED_FROM_CHECKPOINT_MODES = ("semivit",)
 TRAIN_MODES += SEMI_SUPERVISED_MODES
 # Adapting a trained classifier to an unlabeled, shifted target domain (methods/adapt.py).
 TRAIN_MODES += ("adapt",)
@@ -25,8 +27,14 @@ TRAIN_MODES += ("adapt",)
 TRAIN_MODES += ("pu",)
 # Self-training in rounds: a teacher's pseudo-labels train a noised student (methods/noisy_student.py).
 TRAIN_MODES += ("noisy_student",)
+# Semiformer: a ResNet and a ViT branch coupled by fusion modules; the ResNet's pseudo-labels
+# train the ViT (methods/semiformer.py). Not in SEMI_SUPERVISED_MODES: its model is not the
+# ResNet classifier those modes share (tools/label_efficiency.py, tests/methods/test_semi_*).
+TRAIN_MODES += ("semiformer",)
 PSEUDO_LABEL_TYPES = ("soft", "hard")
 PU_LOSSES = ("nnpu", "unlabeled_as_negative")
+# "easy_hard": Split-PU's split of the unlabeled images and its final stage (methods/split_pu.py).
+PU_SPLITS = ("none", "easy_hard")
 # Meta Pseudo Labels: how the teacher's prediction becomes the student's hard label.
 MPL_PSEUDO_LABELS = ("argmax", "sample")
 PU_SURROGATES = ("sigmoid", "logistic")
@@ -35,7 +43,10 @@ ADAPT_PARAMETERS = ("batch_norm", "all")
 TSA_SCHEDULES = ("none", "linear", "log", "exp")
 DISTILL_VIEWS = ("consistent", "fixed")
 MODES = ("train", "eval", "train_then_eval")
-OPTIMIZERS = ("lars", "momentum", "adam")
+OPTIMIZERS = ("lars", "momentum", "adam", "adamw")
+BACKBONES = ("resnet", "vit")
+VIT_SIZES = ("tiny", "small", "base")  # simclr_tf.models.vit.VIT_SIZES holds their dimensions
+VIT_POOLINGS = ("token", "mean")
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 RESNET_DEPTHS = (10, 18, 34, 50, 101, 152, 200)  # 10: ours, not the original's
 FRACTIONAL_WIDTHS = (0.25, 0.5)
@@ -103,6 +114,11 @@ class ModelConfig:
     # Student noise (Noisy Student), in training only; 0 = off, as the original.
     dropout_rate: float = 0.0
     stochastic_depth_rate: float = 0.0
+    # Not in the original: a Vision Transformer instead of the ResNet (models/vit.py).
+    backbone: str = "resnet"
+    vit_size: str = "tiny"
+    patch_size: int = 16
+    vit_pooling: str = "token"
 
     @property
     def cifar_stem(self) -> bool:
@@ -264,6 +280,22 @@ class PuConfig:
     # nnPU's beta and gamma: below -beta the negative risk is pushed up, scaled by gamma.
     nnpu_beta: float = 0.0
     nnpu_gamma: float = 1.0
+    # "easy_hard": Split-PU (methods/split_pu.py) from the nnPU run --pu_base_checkpoint: the
+    # unlabeled images are split into easy and hard ones, then a new model trains on both.
+    pu_split: str = "none"
+    # The base nnPU classifier: a --train_mode=pu run's model_dir or checkpoint.
+    pu_base_checkpoint: str = ""
+    # A split saved by an earlier run (<model_dir>/pu_split.npz): train the final stage on it.
+    pu_split_file: str = ""
+    # The split stops when the temporary model agrees with the base on more than this
+    # fraction of the unlabeled images, or after --pu_split_max_epochs epochs.
+    pu_split_agreement: float = 0.92
+    pu_split_max_epochs: int = 50
+    # Weights of the hard images' terms: prediction self-consistency, SimSiam feature
+    # self-consistency, low-level feature cross-consistency with the base (Split-PU's).
+    pu_hard_weight: float = 0.3
+    pu_sim_weight: float = 0.1
+    pu_feature_weight: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,8 +463,12 @@ def validate(config: Config) -> None:
     def fail(flag: str, message: str) -> None:
         raise FlagError(f"--{flag}: {message}")
 
+    if m.backbone not in BACKBONES:
+        fail("backbone", f"{m.backbone!r} is not one of {BACKBONES}.")
     if m.resnet_depth not in RESNET_DEPTHS:
         fail("resnet_depth", f"{m.resnet_depth} is not one of {RESNET_DEPTHS}.")
+    if m.backbone == "vit":
+        _validate_vit(m, fail)
     width = m.width_multiplier
     if not (width in FRACTIONAL_WIDTHS or (width >= 1 and float(width).is_integer())):
         fail("width_multiplier", f"{width} is not a positive integer or one of {FRACTIONAL_WIDTHS}.")
@@ -506,6 +542,21 @@ def validate(config: Config) -> None:
             fail("pu_prior", f"{pu.pu_prior} must be in (0, 1): the fraction of positives among the unlabeled images.")
     if not pu.nnpu_beta >= 0 or not pu.nnpu_gamma > 0:
         fail("nnpu_beta", "--nnpu_beta must be >= 0 and --nnpu_gamma > 0.")
+    if pu.pu_split not in PU_SPLITS:
+        fail("pu_split", f"{pu.pu_split!r} is not one of {PU_SPLITS}.")
+    if t.train_mode == "pu" and pu.pu_split == "easy_hard" and not pu.pu_base_checkpoint:
+        fail("pu_base_checkpoint", "--pu_split=easy_hard needs the base nnPU classifier: pass the model_dir "
+             "or a checkpoint of a --train_mode=pu run.")
+    if pu.pu_split_file and pu.pu_split != "easy_hard":
+        fail("pu_split_file", "a saved split is for --pu_split=easy_hard.")
+    if not 0 < pu.pu_split_agreement <= 1:
+        fail("pu_split_agreement", f"{pu.pu_split_agreement} must be in (0, 1]: the temporary model's agreement "
+             "with the base that ends the split.")
+    if pu.pu_split_max_epochs < 1:
+        fail("pu_split_max_epochs", "must be at least 1.")
+    for flag in ("pu_hard_weight", "pu_sim_weight", "pu_feature_weight"):
+        if not getattr(pu, flag) >= 0:
+            fail(flag, "must be >= 0 (0 turns the term off).")
     mpl = config.mpl
     if mpl.mpl_student_lr is not None and not mpl.mpl_student_lr > 0:
         fail("mpl_student_lr", f"{mpl.mpl_student_lr} must be positive (or left out: the optimizer's learning rate).")
@@ -561,6 +612,23 @@ def validate(config: Config) -> None:
         fail("strategy", f"--strategy={r.strategy} contradicts --use_tpu; use --strategy=auto or tpu.")
     if r.precision not in PRECISIONS:
         fail("precision", f"{r.precision!r} is not one of {PRECISIONS}.")
+
+
+def _validate_vit(m: ModelConfig, fail) -> None:
+    if m.vit_size not in VIT_SIZES:
+        fail("vit_size", f"{m.vit_size!r} is not one of {VIT_SIZES}.")
+    if m.vit_pooling not in VIT_POOLINGS:
+        fail("vit_pooling", f"{m.vit_pooling!r} is not one of {VIT_POOLINGS}.")
+    if m.patch_size < 1 or m.image_size % m.patch_size:
+        fail(
+            "patch_size",
+            f"{m.patch_size} does not divide --image_size={m.image_size}: use 4 for 32 px images, 16 for 224 px.",
+        )
+    # Options that would change a ResNet's output but not a ViT's. (--resnet_depth and
+    # --width_multiplier are ignored: the demo's defaults set them.)
+    for flag in ("sk_ratio", "se_ratio"):
+        if getattr(m, flag):
+            fail(flag, "is a ResNet option; use 0 with --backbone=vit.")
 
 
 def _validate_semi(semi: SemiConfig, fail) -> None:

@@ -498,8 +498,17 @@ def _head_architecture(parts: dict, features: float, given: int | None, read: in
 # ---------------------------------------------------------------------------
 
 
+def _require_resnet(model: keras.Model) -> None:
+    if getattr(model, "backbone_name", "resnet") != "resnet":
+        raise ValueError(
+            f"the original SimCLR checkpoints hold ResNets; this model's backbone is "
+            f"{model.backbone_name!r} (--backbone=resnet to convert or export in their format)."
+        )
+
+
 def model_parts(model: keras.Model) -> dict[tuple, keras.layers.Layer]:
     """Our model's layers keyed like the original's parts (see `_PARTS`)."""
+    _require_resnet(model)
     parts = {("stem",): model.backbone.stem}
     for g, group in enumerate(model.backbone.block_groups):
         for b, block in enumerate(group.blocks):
@@ -803,6 +812,7 @@ def _block_layout(prefix: str, block) -> list:
 def original_layout(model: keras.Model) -> list[tuple[str, keras.Variable]]:
     """(original object path, our weight) for every weight of `model`, as the original
     TF2 code would hold the same model (the inverse of `place_variables`)."""
+    _require_resnet(model)
     stem = model.backbone.stem
     if stem.cifar_stem or stem.sk_ratio == 0:  # [conv, identity, BN, (max-pool,) identity]
         indices = [0, 2]

@@ -7,7 +7,8 @@ What a loaded export offers (`m = tf.saved_model.load(path)`):
   `final_avg_pool`, `proj_head_input`, `proj_head_output`, `supervised_head_input`,
   `logits_sup` if the model has a supervised head). `trainable=True` runs batch norm in
   training mode (batch statistics, moving averages updated); images are float32
-  (N, H, W, 3) in [0, 1], any H and W.
+  (N, H, W, 3) in [0, 1], any H and W (a ViT: the training image size; its outputs have
+  `patch_embedding` instead of `initial_conv` and `initial_max_pool`).
 - `m.signatures["serving_default"](images=...)`: the inference outputs, for TF Serving.
 - `m.trainable_variables`: every trainable weight (`m.variables`: all of them,
   `m.non_trainable_variables`: BN moving statistics), so the whole network can be
@@ -42,7 +43,7 @@ def inference_copy(model: keras.Model) -> keras.Model:
     """A single-device copy of `model` with `_INFERENCE_OVERRIDES`, holding its weights."""
     config = {**model.get_config(), **_INFERENCE_OVERRIDES, "trainable": True}
     copy = type(model).from_config(config)
-    copy.build((None, None, None, 3))
+    copy.build(model.image_input_shape)
     source = {v.path: v for v in model.weights}
     for variable in copy.weights:
         variable.assign(source[variable.path].numpy())
@@ -63,7 +64,7 @@ def build_export_module(model: keras.Model) -> tf.Module:
     # not weights (Keras' `weights` leaves them out of `variables`' list).
     weight_ids = {id(v) for v in copy.weights}
     module.random_states = [v.value for v in copy.variables if id(v) not in weight_ids]
-    spec = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+    spec = tf.TensorSpec(copy.image_input_shape, tf.float32, name="images")
 
     @tf.function(autograph=False)
     def call(images, trainable):

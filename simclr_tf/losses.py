@@ -158,17 +158,22 @@ def variables_with_loss_weight_decay(trainable_variables: Iterable, optimizer_na
     """Variables whose L2 penalty belongs in the loss, as the original's add_weight_decay.
 
     LARS decays all but the excluded variables itself, so for 'lars' only the
-    supervised head's kernels (excluded from LARS) are decayed through the loss. For
-    the other optimizers every trainable variable but batch-norm's is. Matched as
-    substrings of `variable.path` (the stable Keras 3 name), as in simclr_tf.optim.
+    supervised head's kernels (excluded from LARS) are decayed through the loss; AdamW
+    decays in the optimizer (decoupled), so nothing is. For the other optimizers every
+    trainable variable but normalisation parameters and a ViT's embeddings (`NO_DECAY`)
+    is. Matched as substrings of `variable.path` (the stable Keras 3 name).
     """
+    from simclr_tf.optim.factory import NO_DECAY
+
+    if optimizer_name == "adamw":
+        return []
     if optimizer_name == "lars":
         return [
             v
             for v in trainable_variables
             if "head_supervised" in _path(v) and _leaf_name(v) != "bias"
         ]
-    return [v for v in trainable_variables if "batch_norm" not in _path(v)]
+    return [v for v in trainable_variables if not any(p in _path(v) for p in NO_DECAY)]
 
 
 def _path(variable) -> str:

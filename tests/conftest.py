@@ -89,7 +89,7 @@ def _tiny_method_config(train_mode: str, **sections):
     return config.replace(**sections)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_method_config():
     """`_tiny_method_config(train_mode, **sections)`: tiny in-process runs of any train mode."""
     return _tiny_method_config

@@ -1,5 +1,6 @@
 """The semi-supervised recipes (flags/cifar10_1pct_<mode>_cpu.cfg) start from the CPU
-pretraining recipe: same model and split, 1% labels, and its model_dir as --checkpoint.
+pretraining recipe: same model and split, 1% labels, and its model_dir as --checkpoint (those
+that fine-tune a classifier, semivit, the fine-tuning recipe's model_dir).
 
 A mismatch would only show when someone runs the recipe (a restore error after the
 pretraining's 35 minutes), so it is checked here on the parsed flags.
@@ -18,6 +19,7 @@ from simclr_tf import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "flags" / "cifar10_folder_cpu.cfg"
+FINETUNE = REPO / "flags" / "cifar10_folder_finetune_1pct.cfg"
 
 
 def _config(recipe: pathlib.Path) -> config_lib.Config:
@@ -28,10 +30,9 @@ def _config(recipe: pathlib.Path) -> config_lib.Config:
     return cli.config_from_flags(values)
 
 
-def _pretraining_model_dir() -> str:
-    """The --model_dir of the pretraining recipe's header command."""
-    (model_dir,) = re.findall(r"--model_dir=(\S+)", PRETRAIN.read_text())
-    return model_dir
+def _model_dir(recipe: pathlib.Path) -> str:
+    """The --model_dir of a recipe's header command (the first one it names)."""
+    return re.findall(r"--model_dir=(\S+)", recipe.read_text())[0]
 
 
 @pytest.mark.parametrize("train_mode", config_lib.SEMI_SUPERVISED_MODES)
@@ -43,7 +44,8 @@ def test_semi_recipe_starts_from_the_cpu_pretraining_run(train_mode, monkeypatch
     config_lib.validate(config)
 
     assert config.train.train_mode == train_mode
-    assert config.train.checkpoint == _pretraining_model_dir()
+    start = FINETUNE if train_mode in config_lib.SEMI_SUPERVISED_FROM_CHECKPOINT_MODES else PRETRAIN
+    assert config.train.checkpoint == _model_dir(start)
     assert f"--model_dir=runs/cifar10_1pct_{train_mode}_cpu" in recipe.read_text()
     assert config.data.labeled_fraction == 0.01 and config.data.labeled_per_class == 0
     for field in ("dataset", "train_split", "eval_split"):

@@ -54,7 +54,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import simclr_tf  # noqa: E402,F401  (sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 import tensorflow as tf  # noqa: E402
 
-from simclr_tf.config import SEMI_SUPERVISED_MODES, Config  # noqa: E402
+from simclr_tf.config import SEMI_SUPERVISED_FROM_CHECKPOINT_MODES, SEMI_SUPERVISED_MODES, Config  # noqa: E402
 from simclr_tf.train import trainer  # noqa: E402
 from simclr_tf.train.experiment import Experiment  # noqa: E402
 
@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_split", default="validation", help="Must exist; it is not read.")
     parser.add_argument("--resnet_depth", type=int, default=18)
     parser.add_argument("--width_multiplier", type=float, default=1.0)
+    parser.add_argument("--backbone", default="resnet", choices=("resnet", "vit"))
+    parser.add_argument("--vit_size", default="tiny", help="With --backbone=vit: tiny, small or base.")
+    parser.add_argument("--patch_size", type=int, default=4, help="With --backbone=vit (4 for 32 px).")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--train_batch_size", type=int, default=128)
     parser.add_argument("--use_blur", action="store_true")
@@ -114,8 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Finetune and distill start from a checkpoint, which a throughput tool does not make.
-TRAIN_MODES = ("pretrain", "supervised", *SEMI_SUPERVISED_MODES)
+# Finetune, distill and semivit start from a checkpoint, which a throughput tool does not make.
+TRAIN_MODES = ("pretrain", "supervised", *(m for m in SEMI_SUPERVISED_MODES if m not in SEMI_SUPERVISED_FROM_CHECKPOINT_MODES))
 
 # Settings that are not benchmark options, given explicitly so that the measured
 # configuration does not follow Config's defaults; the same values go to the original
@@ -132,7 +135,8 @@ FIXED_TRAIN = {"temperature": 0.5, "hidden_norm": True}
 def benchmark_config(args: argparse.Namespace) -> Config:
     return Config.demo().replace(
         model={"resnet_depth": args.resnet_depth, "width_multiplier": args.width_multiplier,
-               "image_size": args.image_size, **FIXED_MODEL},
+               "image_size": args.image_size, "backbone": args.backbone, "vit_size": args.vit_size,
+               "patch_size": args.patch_size, **FIXED_MODEL},
         data={"dataset": args.dataset, "train_split": args.train_split,
               "eval_split": args.eval_split, "use_blur": args.use_blur,
               "labeled_fraction": args.labeled_fraction, **FIXED_DATA},

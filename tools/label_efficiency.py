@@ -24,7 +24,8 @@ Command (about an hour on 2 CPU cores):
     --output_dir=runs/label_efficiency
 On accelerators, scale the runs up with --budget=full or the per-stage flags
 (--pretrain_epochs, --resnet_depth, --width_multiplier, --batch_size, ...).
-Adding --methods=all --fractions=0.01 adds 12 runs of at most 20 minutes each (hour budget).
+Adding --methods=all --fractions=0.01 adds two runs a method (one for semivit, which only
+fine-tunes (b)'s model), 15 runs of at most 20 minutes each (hour budget).
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ METHODS = {
 }
 # The two starts of every semi-supervised method: row key suffix -> title suffix.
 STARTS = {"scratch": "(scratch)", "simclr": "(from SimCLRv2)"}
+
+
+def starts_of(method: str) -> dict[str, str]:
+    """The method's starts: a method that fine-tunes a classifier (semivit) has no scratch row."""
+    from simclr_tf.config import SEMI_SUPERVISED_FROM_CHECKPOINT_MODES
+
+    return {k: v for k, v in STARTS.items() if not (k == "scratch" and method in SEMI_SUPERVISED_FROM_CHECKPOINT_MODES)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labeled_seed", type=int, default=0)
     parser.add_argument("--methods", default="",
                         help="Comma-separated semi-supervised train modes to add (fixmatch, uda, mean_teacher, "
-                             "debiasmatch, dst, s4l), or 'all'; default: none.")
+                             "debiasmatch, dst, s4l, mpl, semivit), or 'all'; default: none.")
     # Learning rates after batch scaling, i.e. at any --method_batch_size: those of rows (a) and (b).
     parser.add_argument("--method_lr_scratch", type=float, default=0.1,
                         help="Learning rate of the semi-supervised runs from scratch.")
@@ -136,7 +144,7 @@ def row_titles(methods: list[str]) -> dict[str, str]:
     """Report rows in table order: key -> title."""
     rows = dict(METHODS)
     for method in methods:
-        for start, title in STARTS.items():
+        for start, title in starts_of(method).items():
             rows[f"{method}_{start}"] = f"{method} {title}"
     return rows
 
@@ -325,6 +333,8 @@ def label_efficiency(args: argparse.Namespace) -> dict:
         for method in args.methods:
             for start, checkpoint, learning_rate in (("scratch", None, args.method_lr_scratch),
                                                      ("simclr", finetune_dir, args.method_lr_simclr)):
+                if start not in starts_of(method):
+                    continue
                 config = method_config(base, budget, fraction, method, checkpoint, learning_rate)
                 row_results[f"{method}_{start}"] = run(config, os.path.join(out, f"{method}_{start}_{tag}"))
         for row, result in row_results.items():

@@ -3,6 +3,7 @@
     python tools/model_summary.py --resnet_depth=152 --width_multiplier=3 --sk_ratio=0.0625
     python tools/model_summary.py --resnet_depth=18 --width_multiplier=0.5 --num_classes=10
     python tools/model_summary.py --paper_table   # exits 1 if any row differs
+    python tools/model_summary.py --backbone=vit --vit_size=small --patch_size=16
 
 Counts come from the real layers built with shape-only variables (nothing is
 allocated), so every command takes a few seconds, mostly importing TensorFlow.
@@ -32,6 +33,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--backbone", default="resnet", choices=["resnet", "vit"])
+    parser.add_argument("--vit_size", default="tiny", choices=["tiny", "small", "base"])
+    parser.add_argument("--patch_size", type=int, default=16)
+    parser.add_argument("--vit_pooling", default="token", choices=["token", "mean"])
     parser.add_argument("--resnet_depth", type=int, default=50)
     parser.add_argument("--width_multiplier", type=float, default=1.0)
     parser.add_argument("--sk_ratio", type=float, default=0.0)
@@ -84,6 +89,10 @@ def summary(args: argparse.Namespace) -> None:
 
     kwargs = dict(
         num_classes=args.num_classes,
+        backbone=args.backbone,
+        vit_size=args.vit_size,
+        patch_size=args.patch_size,
+        vit_pooling=args.vit_pooling,
         resnet_depth=args.resnet_depth,
         width_multiplier=args.width_multiplier,
         sk_ratio=args.sk_ratio,
@@ -95,11 +104,15 @@ def summary(args: argparse.Namespace) -> None:
     )
     counts = count_parameters(args.image_size, **kwargs)
     every, trainable = counts["all"], counts["trainable"]
-    stem = "CIFAR" if args.image_size <= 32 else "ImageNet"
-    print(
-        f"{_model_name(args.resnet_depth, args.width_multiplier, args.sk_ratio, args.se_ratio)}, "
-        f"{args.image_size}px ({stem} stem), num_classes={args.num_classes}"
-    )
+    if args.backbone == "vit":
+        name = f"ViT-{args.vit_size}/{args.patch_size} ({args.vit_pooling} pooling)"
+        print(f"{name}, {args.image_size}px, num_classes={args.num_classes}")
+    else:
+        stem = "CIFAR" if args.image_size <= 32 else "ImageNet"
+        print(
+            f"{_model_name(args.resnet_depth, args.width_multiplier, args.sk_ratio, args.se_ratio)}, "
+            f"{args.image_size}px ({stem} stem), num_classes={args.num_classes}"
+        )
     print(f"{'part':<18}{'all variables':>16}{'trainable':>16}")
     for part in every:
         if part == "supervised_head" and args.num_classes is None:

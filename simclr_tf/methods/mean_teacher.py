@@ -95,8 +95,10 @@ class MeanTeacher(semi.SemiSupervised):
     def __call__(self, model: keras.Model, batch: base.Batch) -> tuple[tf.Tensor, base.Metrics]:
         student_view, teacher_view = self.split_unlabeled(batch)
         labeled_logits, student_logits = self.logits_of(model, batch["image"], student_view)
-        # In training mode, as the reference code runs its teacher: batch norm normalises
-        # with the teacher's own batch statistics (and moves its statistics towards them).
+        # training=True reaches only dropout and stochastic depth: the average is not
+        # trainable, and Keras runs a non-trainable batch norm in inference mode, so the
+        # teacher normalises with its averaged moving statistics. USB's teacher uses batch
+        # statistics (the EMA weights swapped into the model in train mode).
         teacher_logits = self.average.model(teacher_view, training=True)["logits_sup"]
         return mean_teacher_loss(
             labeled_logits=labeled_logits,

@@ -11,8 +11,10 @@ and when the negative part falls below -beta its gradient is reversed and scaled
 `--pu_loss=unlabeled_as_negative` is the biased baseline: pi E_P[l(g)] + (1 - pi) E_U[l(-g)].
 The model's classifier has two logits (negative, positive), g = logit_1 - logit_0;
 evaluation maps labels to 1 for the positive classes and 0 for the rest, so
-`eval/label_top_1_accuracy` is the binary accuracy. Left out: the easy/hard split of the
-unlabeled images with a Jensen-Shannon loss and consistency terms (later work on nnPU).
+`eval/label_top_1_accuracy` is the binary accuracy. `--pu_split=easy_hard` continues from
+a trained nnPU run (`--pu_base_checkpoint`) with Split-PU's easy/hard split of the unlabeled
+images and its losses: `split_pu.py`, whose stages are subclasses of `Pu` that `Pu` picks
+itself (the registry has one class per train mode).
 """
 
 from __future__ import annotations
@@ -101,6 +103,30 @@ class Pu(base.Method):
 
     name = "pu"
     epochs_over_labeled_subset = False
+
+    def __new__(cls, experiment, *args, **kwargs):
+        """With --pu_split=easy_hard, the Split-PU stage the config asks for (`split_pu.stage_class`)."""
+        if cls is Pu and experiment.config.pu.pu_split == "easy_hard":
+            from simclr_tf.methods import split_pu  # it imports this module
+
+            cls = split_pu.stage_class(experiment.config)
+        return super().__new__(cls)
+
+    @classmethod
+    def run(cls, config, model_dir: str, strategy: tf.distribute.Strategy | None = None) -> dict | None:
+        """One run; with --pu_split=easy_hard, Split-PU's stages (`--mode=eval`: model_dir as given)."""
+        if config.pu.pu_split == "easy_hard" and config.train.mode != "eval":
+            from simclr_tf.methods import split_pu  # it imports this module
+
+            return split_pu.run(config, model_dir, strategy)
+        return super().run(config, model_dir, strategy)
+
+    @classmethod
+    def check_flags(cls, config, *, resuming: bool) -> None:
+        if config.pu.pu_split == "easy_hard" and config.train.mode != "eval":
+            from simclr_tf.methods import split_pu  # it imports this module
+
+            split_pu.check_base(config)
 
     def __init__(self, experiment):
         super().__init__(experiment)

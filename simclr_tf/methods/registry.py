@@ -15,9 +15,11 @@ from simclr_tf.methods.noisy_student import NoisyStudent
 from simclr_tf.methods.pretrain import Pretrain
 from simclr_tf.methods.pu import Pu
 from simclr_tf.methods.s4l import S4l
+from simclr_tf.methods.semiformer import Semiformer
+from simclr_tf.methods.semivit import SemiVit
 from simclr_tf.methods.uda import Uda
 
 METHODS: dict[str, type[Method]] = {
     method.name: method
-    for method in (Pretrain, Finetune, Supervised, Distill, FixMatch, Uda, MeanTeacher, DebiasMatch, Dst, S4l, Mpl, Adapt, Pu, NoisyStudent)
+    for method in (Pretrain, Finetune, Supervised, Distill, FixMatch, Uda, MeanTeacher, DebiasMatch, Dst, S4l, Mpl, SemiVit, Adapt, Pu, NoisyStudent, Semiformer)
 }

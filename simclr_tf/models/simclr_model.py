@@ -1,4 +1,4 @@
-"""SimCLRModel: ResNet backbone + projection head + optional supervised head.
+"""SimCLRModel: ResNet or ViT backbone + projection head + optional supervised head.
 
 One model for pretraining, fine-tuning and distillation: the trainer picks outputs
 from the returned dict; there is no `train_mode` switch inside the model.
@@ -24,6 +24,9 @@ from simclr_tf.config import ModelConfig
 from simclr_tf.models.heads import ProjectionHead, SupervisedHead
 from simclr_tf.models.noise import RandomDrop
 from simclr_tf.models.resnet import BLOCK_GROUP_NAMES, ResNet
+from simclr_tf.models.vit import VIT_SIZES, VisionTransformer
+
+BACKBONES = ("resnet", "vit")
 
 OUTPUT_KEYS = (
     "initial_conv",
@@ -33,16 +36,19 @@ OUTPUT_KEYS = (
     "proj_head_input",
     "proj_head_output",
     "supervised_head_input",
-)  # plus "logits_sup" when the model has a supervised head.
+)  # plus "logits_sup" when the model has a supervised head; a ViT has "patch_embedding"
+# instead of "initial_conv" and "initial_max_pool" (see simclr_tf.models.vit).
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")
 class SimCLRModel(keras.Model):
-    """ResNet + projection head (+ supervised head); `call` returns a dict of named outputs.
+    """ResNet or ViT + projection head (+ supervised head); `call` returns a dict of named outputs.
 
     Args:
         num_classes: classes of the supervised head; None for no supervised head.
-        resnet_depth, width_multiplier, sk_ratio, se_ratio, cifar_stem: the backbone.
+        backbone: "resnet" or "vit".
+        resnet_depth, width_multiplier, sk_ratio, se_ratio, cifar_stem: the ResNet.
+        vit_size, patch_size, vit_pooling: the ViT (`VIT_SIZES`; "token" or "mean").
         batch_norm_decay, global_bn: every batch norm (global_bn: cross-replica).
         proj_head_mode, proj_out_dim, num_proj_layers, ft_proj_selector: the projection
             head; the supervised head reads projection hidden `ft_proj_selector`.
@@ -80,6 +86,10 @@ class SimCLRModel(keras.Model):
         drop_unused_projection_layers: bool = False,
         dropout_rate: float = 0.0,
         stochastic_depth_rate: float = 0.0,
+        backbone: str = "resnet",
+        vit_size: str = "tiny",
+        patch_size: int = 16,
+        vit_pooling: str = "token",
         name: str = "simclr_model",
         **kwargs,
     ):
@@ -92,7 +102,15 @@ class SimCLRModel(keras.Model):
                 f"fine_tune_after_block must be in [-1, 4] (-1: train everything, "
                 f"4: freeze the whole backbone), got {fine_tune_after_block}"
             )
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        if backbone == "vit" and vit_size not in VIT_SIZES:
+            raise ValueError(f"vit_size must be one of {sorted(VIT_SIZES)}, got {vit_size!r}")
         self.num_classes = num_classes
+        self.backbone_name = backbone
+        self.vit_size = vit_size
+        self.patch_size = patch_size
+        self.vit_pooling = vit_pooling
         self.resnet_depth = resnet_depth
         self.width_multiplier = width_multiplier
         self.sk_ratio = sk_ratio
@@ -112,17 +130,31 @@ class SimCLRModel(keras.Model):
         self.stochastic_depth_rate = stochastic_depth_rate
 
         bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
-        self.backbone = ResNet(
-            resnet_depth=resnet_depth,
-            width_multiplier=width_multiplier,
-            sk_ratio=sk_ratio,
-            se_ratio=se_ratio,
-            cifar_stem=cifar_stem,
-            fine_tune_after_block=fine_tune_after_block,
-            stochastic_depth_rate=stochastic_depth_rate,
-            name="resnet",
-            **bn_args,
-        )
+        if backbone == "vit":
+            size = VIT_SIZES[vit_size]
+            self.backbone = VisionTransformer(
+                hidden_dim=size.hidden_dim,
+                num_layers=size.num_layers,
+                num_heads=size.num_heads,
+                mlp_dim=size.mlp_dim,
+                patch_size=patch_size,
+                pooling=vit_pooling,
+                fine_tune_after_block=fine_tune_after_block,
+                stochastic_depth_rate=stochastic_depth_rate,
+                name="vit",
+            )
+        else:
+            self.backbone = ResNet(
+                resnet_depth=resnet_depth,
+                width_multiplier=width_multiplier,
+                sk_ratio=sk_ratio,
+                se_ratio=se_ratio,
+                cifar_stem=cifar_stem,
+                fine_tune_after_block=fine_tune_after_block,
+                stochastic_depth_rate=stochastic_depth_rate,
+                name="resnet",
+                **bn_args,
+            )
         self.projection_head = ProjectionHead(
             mode=proj_head_mode,
             out_dim=proj_out_dim,
@@ -149,7 +181,15 @@ class SimCLRModel(keras.Model):
                 "float32, mixed_bfloat16 or mixed_float16."
             )
 
+    @property
+    def image_input_shape(self) -> tuple:
+        """(None, H, W, 3) the model accepts: any H, W for a ResNet; a ViT's, from its build."""
+        if self.backbone_name == "vit":
+            return (None, *self._built_image_hw, 3)
+        return (None, None, None, 3)
+
     def build(self, input_shape):
+        self._built_image_hw = tuple(input_shape[1:3])
         self.backbone.build(input_shape)
         features_shape = self.backbone.compute_output_shape(input_shape)["final_avg_pool"]
         self.projection_head.build(features_shape)
@@ -181,6 +221,10 @@ class SimCLRModel(keras.Model):
         config = super().get_config()
         config.update(
             num_classes=self.num_classes,
+            backbone=self.backbone_name,
+            vit_size=self.vit_size,
+            patch_size=self.patch_size,
+            vit_pooling=self.vit_pooling,
             resnet_depth=self.resnet_depth,
             width_multiplier=self.width_multiplier,
             sk_ratio=self.sk_ratio,
@@ -240,6 +284,10 @@ def build_model(
         drop_unused_projection_layers=drop_unused_projection_layers,
         dropout_rate=config.dropout_rate,
         stochastic_depth_rate=config.stochastic_depth_rate,
+        backbone=config.backbone,
+        vit_size=config.vit_size,
+        patch_size=config.patch_size,
+        vit_pooling=config.vit_pooling,
         dtype=dtype,
     )
     model.build((None, config.image_size, config.image_size, 3))
@@ -277,12 +325,20 @@ def _num_params(variables: list) -> int:
     return total
 
 
+class _LayerList:
+    """Several layers counted as one part."""
+
+    def __init__(self, layers):
+        self.weights = [w for layer in layers for w in layer.weights]
+        self.trainable_weights = [w for layer in layers for w in layer.trainable_weights]
+
+
 def count_parameters(image_size: int = 224, **model_kwargs: Any) -> dict[str, dict[str, int]]:
     """Parameters per part of `SimCLRModel(**model_kwargs)`, from one shape-only build.
 
     Returns {"all": counts, "trainable": counts}; "all" includes BN moving statistics
-    (as the SimCLRv2 table counts). Parts: stem, block_group1..4, backbone,
-    projection_head, supervised_head, total. `num_classes` defaults to None and
+    (as the SimCLRv2 table counts). Parts: stem, block_group1..4 (a ViT: patch_embedding,
+    encoder_blocks), backbone, projection_head, supervised_head, total. `num_classes` defaults to None and
     `cifar_stem` to `image_size <= 32`. Nothing is allocated.
     """
     model_kwargs.setdefault("num_classes", None)
@@ -290,8 +346,12 @@ def count_parameters(image_size: int = 224, **model_kwargs: Any) -> dict[str, di
     with _shape_only_variables():
         model = SimCLRModel(**model_kwargs)
         model.build((None, image_size, image_size, 3))
-        parts = {"stem": model.backbone.stem}
-        parts.update((group.name, group) for group in model.backbone.block_groups)
+        if isinstance(model.backbone, VisionTransformer):
+            parts = {"patch_embedding": model.backbone.patch_embedding,
+                     "encoder_blocks": _LayerList(model.backbone.blocks)}
+        else:
+            parts = {"stem": model.backbone.stem}
+            parts.update((group.name, group) for group in model.backbone.block_groups)
         parts.update(
             backbone=model.backbone,
             projection_head=model.projection_head,

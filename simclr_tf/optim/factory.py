@@ -8,10 +8,13 @@ import keras
 
 from simclr_tf.optim.lars import LARS
 
+# Never decayed by any optimizer: normalisation parameters and a ViT's embeddings (the
+# ViT and DeiT recipes' exclusions). Substrings of `variable.path`.
+NO_DECAY = ("batch_norm", "layer_norm", "position_embedding", "class_token")
 # As the original: LARS neither decays nor adapts batch norm, biases or the supervised
 # head (whose L2 penalty goes into the loss instead; see
-# simclr_tf.losses.variables_with_loss_weight_decay). Substrings of `variable.path`.
-LARS_EXCLUDE = ("batch_norm", "bias", "head_supervised")
+# simclr_tf.losses.variables_with_loss_weight_decay).
+LARS_EXCLUDE = (*NO_DECAY, "bias", "head_supervised")
 
 LearningRate = float | keras.optimizers.schedules.LearningRateSchedule
 
@@ -42,10 +45,24 @@ def _lars(
     )
 
 
+def _adamw(
+    learning_rate: LearningRate, momentum: float, weight_decay: float
+) -> keras.optimizers.Optimizer:
+    del momentum
+    optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=float(weight_decay))
+    # Keras matches these against the variable's leaf name, not its path.
+    optimizer.exclude_from_weight_decay(var_names=[*ADAMW_EXCLUDE_LEAVES])
+    return optimizer
+
+
+# Leaf names of NO_DECAY's variables (LayerNorm/BatchNorm gamma and beta), and biases.
+ADAMW_EXCLUDE_LEAVES = ("gamma", "beta", "bias", "position_embedding", "class_token")
+
 OPTIMIZERS: dict[str, Callable[[LearningRate, float, float], keras.optimizers.Optimizer]] = {
     "lars": _lars,
     "momentum": _momentum,
     "adam": _adam,
+    "adamw": _adamw,
 }
 
 
@@ -56,7 +73,7 @@ def build_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 1e-6,
 ) -> keras.optimizers.Optimizer:
-    """'lars' (LARS with LARS_EXCLUDE), 'momentum' (Nesterov SGD) or 'adam'."""
+    """'lars' (LARS with LARS_EXCLUDE), 'momentum' (Nesterov SGD), 'adam' or 'adamw' (decoupled decay)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown --optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")
     if isinstance(learning_rate, int):

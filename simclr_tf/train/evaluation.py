@@ -59,11 +59,33 @@ def _supervised_metrics(experiment: Experiment, model: keras.Model) -> dict[str,
         labels = experiment.method.eval_labels(outputs["label"])
         top_1.update_state(labels, outputs["logits"])
         top_5.update_state(labels, outputs["logits"])
+        return _extra_head_hits(labels, outputs)
 
     run = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)), reduce_retracing=True, autograph=False)
+    extra_hits: dict[str, float] = {}
     for batch in _limited(experiment.eval_dataset(experiment.config.data.eval_split), experiment):
-        run(batch)
-    return {top_1.name: float(top_1.result()), top_5.name: float(top_5.result())}
+        for name, value in run(batch).items():
+            extra_hits[name] = extra_hits.get(name, 0.0) + float(strategy.reduce("SUM", value, axis=None))
+    result = {top_1.name: float(top_1.result()), top_5.name: float(top_5.result())}
+    count = extra_hits.pop("count", 0.0)
+    # Each extra head `logits_sup_<name>` as eval/label_top_{1,5}_accuracy_<name>.
+    result.update({name: hits / count for name, hits in extra_hits.items()} if count else {})
+    return result
+
+
+def _extra_head_hits(labels: tf.Tensor, outputs: dict) -> dict[str, tf.Tensor]:
+    """Per replica: top-1/top-5 hits of each extra head's logits (as the Keras metrics count them), and "count"."""
+    hits = {}
+    for key, logits in outputs.items():
+        if key.startswith("logits_"):
+            name = key[len("logits_"):]
+            top_1 = keras.metrics.sparse_categorical_accuracy(labels, logits)
+            top_5 = keras.metrics.sparse_top_k_categorical_accuracy(labels, logits, k=5)
+            hits[f"eval/label_top_1_accuracy_{name}"] = tf.reduce_sum(tf.cast(top_1, tf.float32))
+            hits[f"eval/label_top_5_accuracy_{name}"] = tf.reduce_sum(tf.cast(top_5, tf.float32))
+    if hits:
+        hits["count"] = tf.cast(tf.shape(labels)[0], tf.float32)
+    return hits
 
 
 # Raw pixels are resized to at most this side before the raw-pixel k-NN: 32x32x3 =

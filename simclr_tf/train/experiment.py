@@ -286,11 +286,17 @@ TEACHER_FIELDS = (
 )
 
 
+# The teacher's backbone family and ViT size come from its run's config.json only (no
+# --teacher_* flags): a ViT teacher can teach a ResNet student and the other way round.
+TEACHER_SAVED_FIELDS = ("backbone", "vit_size", "patch_size", "vit_pooling")
+
+
 def teacher_model_config(config: Config) -> ModelConfig:
     """The teacher's architecture: --teacher_* flags, else its run's config.json, else the student's."""
     base = config.model
     saved = read_saved_model_config(config.distill.teacher_checkpoint)
-    base = dataclasses.replace(base, **{f: saved[f] for f in TEACHER_FIELDS if f in saved})
+    fields = (*TEACHER_FIELDS, *TEACHER_SAVED_FIELDS)
+    base = dataclasses.replace(base, **{f: saved[f] for f in fields if f in saved})
     overrides = {
         field: getattr(config.distill, f"teacher_{field}")
         for field in TEACHER_FIELDS
@@ -341,7 +347,8 @@ def check_model_dir(config: Config, model_dir: str) -> None:
         return  # written by something else; the restore itself still checks every variable
     ours = config.to_dict()
     pairs = [("train_mode", saved.get("train", {}).get("train_mode"), config.train.train_mode)]
-    pairs += [(f, saved.get("model", {}).get(f), ours["model"][f]) for f in TEACHER_FIELDS]
+    pairs += [(f, saved.get("model", {}).get(f), ours["model"][f])
+              for f in (*TEACHER_FIELDS, *TEACHER_SAVED_FIELDS)]
     # The image size decides the stem's variables only through `cifar_stem`.
     saved_size = saved.get("model", {}).get("image_size")
     if saved_size is not None and (saved_size <= 32) != config.model.cifar_stem:

@@ -91,6 +91,10 @@ def apply_if_finite(
     return finite
 
 
+# Model outputs `logits_sup_<name>`: extra classifier heads, each scored by evaluation.
+EXTRA_LOGITS_PREFIX = "logits_sup_"
+
+
 def eval_step(batch: Batch, *, model: keras.Model) -> dict[str, tf.Tensor]:
     """Inference outputs needed by the evaluators."""
     outputs = model(batch["image"], training=False)
@@ -98,5 +102,10 @@ def eval_step(batch: Batch, *, model: keras.Model) -> dict[str, tf.Tensor]:
     result = {"label": batch["label"], "features": tf.cast(outputs["final_avg_pool"], tf.float32)}
     if "logits_sup" in outputs:
         result["logits"] = tf.cast(outputs["logits_sup"], tf.float32)
+    # A model with several classifier heads (e.g. two branches) names each extra one
+    # `logits_sup_<name>`: scored too, as result["logits_<name>"].
+    for key, value in outputs.items():
+        if key.startswith(EXTRA_LOGITS_PREFIX):
+            result["logits_" + key[len(EXTRA_LOGITS_PREFIX):]] = tf.cast(value, tf.float32)
     return result
 

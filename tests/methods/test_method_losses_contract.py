@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.methods import debiasmatch, dst, fixmatch, mean_teacher, mpl, uda
+from simclr_tf.methods import debiasmatch, dst, fixmatch, mean_teacher, mpl, semivit, uda
 
 B, U, C = 6, 16, 5
 
@@ -67,6 +67,15 @@ def _mpl(x, cast, unlabeled_labels):
     )
 
 
+def _semivit(x, cast, unlabeled_labels):
+    # Each row mixed with the next one's image (a permutation of the batch).
+    return semivit.probabilistic_pseudo_mixup_loss(
+        labeled_logits=cast(x["labeled"]), labels=x["labels"], teacher_logits=cast(x["weak"]),
+        partner_teacher_logits=tf.roll(cast(x["weak"]), shift=-1, axis=0), mixed_logits=cast(x["strong"]),
+        threshold=0.6, unlabeled_labels=unlabeled_labels,
+    )
+
+
 METHODS = {
     "fixmatch": (_fixmatch, "pseudo_label_acc"),
     "uda": (_uda, "pseudo_label_acc"),
@@ -74,6 +83,7 @@ METHODS = {
     "debiasmatch": (_debiasmatch, "pseudo_label_acc"),
     "dst": (_dst, "pseudo_label_acc"),
     "mpl": (_mpl, "pseudo_label_acc"),
+    "semivit": (_semivit, "pseudo_label_acc"),
 }
 
 

@@ -13,7 +13,9 @@ def test_lars():
     config = opt.get_config()
     assert config["momentum"] == 0.8 and config["weight_decay"] == 1e-4
     assert not config["nesterov"] and config["classic_momentum"] and config["eeta"] == 0.001
-    assert config["exclude_from_weight_decay"] == ["batch_norm", "bias", "head_supervised"]
+    # The original's three, and a ViT's layer norms and embeddings (none in a ResNet).
+    assert config["exclude_from_weight_decay"] == [
+        "batch_norm", "layer_norm", "position_embedding", "class_token", "bias", "head_supervised"]
     assert config["exclude_from_layer_adaptation"] == list(LARS_EXCLUDE)
     assert opt._learning_rate is schedule
 
@@ -31,6 +33,12 @@ def test_adam_without_decay():
     assert type(opt) is keras.optimizers.Adam
     assert opt.weight_decay is None
     assert float(opt.learning_rate) == pytest.approx(1.0)
+
+
+def test_adamw_decays_in_the_optimizer():
+    opt = build_optimizer("adamw", learning_rate=0.01, momentum=0.9, weight_decay=0.05)
+    assert type(opt) is keras.optimizers.AdamW
+    assert opt.weight_decay == pytest.approx(0.05)
 
 
 def test_unknown_name():

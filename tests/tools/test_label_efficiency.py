@@ -140,6 +140,9 @@ def test_methods_flag(tool):
     assert tool.parse_args(["--methods=uda, fixmatch"]).methods == ["uda", "fixmatch"]
     with pytest.raises(SystemExit):
         tool.parse_args(["--methods=fixmatch,mixmatch"])
+    # semivit fine-tunes a classifier: only its row from (b)'s model.
+    assert [row for row in tool.row_titles(["fixmatch", "semivit"]) if "_" in row] == [
+        "fixmatch_scratch", "fixmatch_simclr", "semivit_simclr"]
 
 
 def test_method_steps_share_one_image_budget(tool):

@@ -60,7 +60,7 @@ def tiny_config(train_mode: str, checkpoint: str | None, global_bn: bool = True)
                  "distill_temperature": 2.0, "distill_label_weight": 0.5},
         # A low threshold keeps pseudo-labels of an untrained model; decay 0.5 moves the average far.
         semi={"unlabeled_batch_ratio": 2, "ema_decay": 0.5, "uda_confidence": 0.1,
-              "pseudo_label_threshold": 0.1 if train_mode in ("fixmatch", "debiasmatch", "dst")
+              "pseudo_label_threshold": 0.1 if train_mode in ("fixmatch", "debiasmatch", "dst", "semivit")
               else 0.0 if train_mode == "noisy_student" else None},
         pu={"positive_classes": "1,2", "pu_prior": 0.3},
         # Self-MPL: the same cross-replica pieces (g_u and the reward averaged over the
@@ -105,17 +105,32 @@ def random_batch(spec: dict[str, tf.TensorSpec], seed: int = 0) -> dict[str, np.
 
 
 def replica_slices(batch: dict[str, np.ndarray], replicas: int) -> list[dict[str, np.ndarray]]:
-    """Replica r's part of a global batch: the r-th block of each view, view-major."""
-    examples = len(batch["label"])
-    per_replica = examples // replicas
+    """Replica r's part of a global batch: the r-th block of each view of each stream, view-major.
+
+    Per stream (as `reordered`), so replica r's unlabeled rows are block r of the global
+    batch's, as its own pipeline would give them: semivit pairs rows across the replicas
+    by their global position.
+    """
+    examples = _stream_sizes(batch)
     out = []
     for r in range(replicas):
         part = {}
         for key, value in batch.items():
-            views = np.split(value, len(value) // examples)  # (2B, ...) images hold 2 views
+            count = examples[_stream_of(key)]
+            per_replica = count // replicas
+            views = np.split(value, len(value) // count)  # (2B, ...) images hold 2 views
             part[key] = np.concatenate([v[r * per_replica:(r + 1) * per_replica] for v in views])
         out.append(part)
     return out
+
+
+def _stream_sizes(batch: dict[str, np.ndarray]) -> dict[str, int]:
+    """A stream's example count: its shortest entry (labels or rows; images hold views)."""
+    examples: dict[str, int] = {}
+    for key, value in batch.items():
+        stream = _stream_of(key)
+        examples[stream] = min(examples.get(stream, len(value)), len(value))
+    return examples
 
 
 def reordered(batch: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarray]:
@@ -125,11 +140,7 @@ def reordered(batch: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarr
     in any order, so the difference from the original order is float32 rounding alone.
     """
     rng = np.random.default_rng(seed)
-    # A stream's example count: its shortest entry (labels or rows; images hold views).
-    examples: dict[str, int] = {}
-    for key, value in batch.items():
-        stream = _stream_of(key)
-        examples[stream] = min(examples.get(stream, len(value)), len(value))
+    examples = _stream_sizes(batch)
     orders = {stream: rng.permutation(count) for stream, count in examples.items()}
     out = {}
     for key, value in batch.items():
