@@ -362,7 +362,7 @@ class SemiformerModel(keras.Model):
             supervised_head_input=head_input,
             logits_sup_conv=conv_logits,
             logits_sup_transformer=transformer_logits,
-            logits_sup=conv_logits,
+            logits_sup=(conv_logits + transformer_logits) / 2,
         )
         return outputs
 

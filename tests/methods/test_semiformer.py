@@ -76,9 +76,10 @@ class _FakeModel:
     def __call__(self, images, training=False):
         x = tf.reduce_mean(images, axis=[1, 2])  # (N, 3)
         base = tf.concat([x, x[:, :2] * 2.0], axis=1) * 20.0  # (N, C)
+        # In inference mode the conv head's argmax moves to class 0; the heads' argmaxes differ.
         shift = 0.0 if training else 1.0
-        conv = base + shift * tf.constant([3.0, 0, 0, 0, 0])
-        return {"logits_sup_conv": conv, "logits_sup_transformer": -base + shift * tf.constant([0, 0, 0, 0, 3.0])}
+        conv = base + shift * tf.constant([15.0, 0, 0, 0, 0])
+        return {"logits_sup_conv": conv, "logits_sup_transformer": tf.roll(base, 2, axis=1)}
 
 
 @pytest.fixture
@@ -110,6 +111,7 @@ def test_the_step_labels_with_the_conv_head_in_inference_mode(tiny_method_config
         fake(weak, training=False)["logits_sup_conv"].numpy(), train["logits_sup_conv"].numpy()[B:],
         train["logits_sup_transformer"].numpy()[B:], 0.3, 4.0)  # 4.0: Semiformer's default weight
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert float(metrics["mask_rate"]) == 1.0  # every pseudo-label counts: the loss compares them all
     assert set(method.metric_names(None)) <= set(metrics)
 
 

@@ -119,9 +119,14 @@ def test_the_weight_average_labels_the_weak_views_in_inference_mode(semivit_stat
         np.testing.assert_array_equal(average.numpy(), weight.numpy())
     weak, strong = method.split_unlabeled(batch)
     # A sharper average, so its confidences (the mixing weights) and labels differ from row to row.
+    # A seeded random head on the average's features: logits of std ~2 per class, whatever
+    # the shared tiny classifier learnt (its own head can give every row the same confidence).
     kernel, bias = method.average.model.supervised_head.weights
-    spread = np.std(method.average.model(weak, training=False)["logits_sup"].numpy() - bias.numpy())
-    kernel.assign(kernel * (3.0 / spread))
+    features = method.average.model(weak, training=False)["supervised_head_input"].numpy()
+    rng = np.random.default_rng(0)
+    scale = 2.0 / (np.std(features) * np.sqrt(features.shape[1]))
+    kernel.assign(rng.normal(size=kernel.shape).astype("float32") * scale)
+    bias.assign(np.zeros(bias.shape, "float32"))
     # The loss is the pure function's on the average's inference-mode logits, mixed with
     # the step's draw (the student's dropout draws again from the same seed state).
     state = [v.numpy() for v in model.non_trainable_variables]

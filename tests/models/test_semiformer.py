@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 import pytest
@@ -65,6 +66,8 @@ def test_get_config_round_trip_and_keras_save_load_give_the_same_outputs(micro_v
     clone = SemiformerModel.from_config(model.get_config())
     clone.build((None, 16, 16, 3))
     assert clone.get_config() == model.get_config()
+    arguments = set(inspect.signature(SemiformerModel.__init__).parameters) - {"self", "name", "kwargs"}
+    assert arguments <= set(model.get_config())  # each argument, initialisers' too
     assert [v.path for v in clone.weights] == [v.path for v in model.weights]
     path = str(tmp_path / "semiformer.keras")
     model.save(path)
