@@ -26,6 +26,10 @@ On accelerators, scale the runs up with --budget=full or the per-stage flags
 (--pretrain_epochs, --resnet_depth, --width_multiplier, --batch_size, ...).
 Adding --methods=all --fractions=0.01 adds two runs a method (one for semivit, which only
 fine-tunes (b)'s model), 15 runs of at most 20 minutes each (hour budget).
+--student_resnet_depth=D (and/or --student_width_multiplier=W) adds big-to-small
+distillation: (b) teaches a smaller student from random weights on all training images, once with the teacher on the un-augmented image
+("fixed teacher") and once with both on the same crop mixed up (Beyer et al.'s "function
+matching"), for the same epochs.
 """
 
 from __future__ import annotations
@@ -75,19 +79,25 @@ class Budget:
     # method_images / images_per_step (a FixMatch step at batch 32: 32 + 2 x 224 = 480).
     method_batch_size: int
     method_images: int
+    # Big-to-small distillation (--student_width_multiplier): epochs of each student.
+    student_distill_epochs: int
 
 
 BUDGETS = {
     # Seconds, for tests.
-    "smoke": Budget(10, 0.25, 32, 1, 4, 1, method_batch_size=4, method_images=120),
+    "smoke": Budget(10, 0.25, 32, 1, 4, 1, method_batch_size=4, method_images=120, student_distill_epochs=1),
     # method_images: <= 20 minutes a run on 2 CPU cores at up to ~2.6 ms an image, plus
     # ~1 min of start-up and evaluation: 833 FixMatch steps, 391 of S4L. A FixMatch step
     # here took 1.2-1.9 s (2.6-4 ms an image) with other jobs on the cores; pretraining
     # in docs/label_efficiency_cifar10 took 1.6 ms an image. On a busier machine, lower it.
-    "hour": Budget(18, 0.25, 256, 15, 400, 2, method_batch_size=32, method_images=400_000),
+    # student_distill_epochs: a ResNet-10 x0.25 student of the ResNet-18 x0.25 teacher.
+    "hour": Budget(18, 0.25, 256, 15, 400, 2, method_batch_size=32, method_images=400_000,
+                   student_distill_epochs=4),
     # A GPU/TPU run of the original CIFAR-10 setting; the methods at FixMatch's batch (64),
     # 50k FixMatch steps.
-    "full": Budget(18, 1.0, 512, 800, 5000, 100, method_batch_size=64, method_images=48_000_000),
+    # Function matching wants long schedules (Beyer et al.: thousands of epochs on small sets).
+    "full": Budget(18, 1.0, 512, 800, 5000, 100, method_batch_size=64, method_images=48_000_000,
+                   student_distill_epochs=1000),
 }
 
 
@@ -105,6 +115,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default="",
                         help="Comma-separated semi-supervised train modes to add (fixmatch, uda, mean_teacher, "
                              "debiasmatch, dst, s4l, mpl, semivit), or 'all'; default: none.")
+    parser.add_argument("--unlabeled_batch_ratio", type=int, default=7,
+                        help="Unlabeled images per labeled one and view in every semi-supervised run "
+                             "(FixMatch's 7 for all, so the rows differ only by method).")
+    parser.add_argument("--student_resnet_depth", type=int, default=None,
+                        help="Adds two big-to-small distillation rows: (b) teaches a student of this depth "
+                             "(e.g. 10 under a ResNet-18 teacher), fixed teacher view vs consistent views + mixup.")
+    parser.add_argument("--student_width_multiplier", type=float, default=None,
+                        help="The big-to-small student's width (default: the budget's); also adds the rows.")
     # Learning rates after batch scaling, i.e. at any --method_batch_size: those of rows (a) and (b).
     parser.add_argument("--method_lr_scratch", type=float, default=0.1,
                         help="Learning rate of the semi-supervised runs from scratch.")
@@ -140,9 +158,20 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def row_titles(methods: list[str]) -> dict[str, str]:
-    """Report rows in table order: key -> title."""
+# Big-to-small distillation rows: key -> (--distill_views, --mixup_alpha, title).
+# Mixup's lambda ~ Beta(1, 1), big_vision's distillation configs (mixup p=1.0).
+STUDENT_ROWS = {
+    "student_fixed": ("fixed", 0.0, "fixed teacher view"),
+    "student_consistent": ("consistent", 1.0, "consistent views + mixup"),
+}
+
+
+def row_titles(methods: list[str], student: tuple[int, float] | None = None) -> dict[str, str]:
+    """Report rows in table order: key -> title; `student`: the big-to-small (depth, width)."""
     rows = dict(METHODS)
+    if student is not None:
+        for key, (_, _, views) in STUDENT_ROWS.items():
+            rows[key] = f"(c') (b) distilled into ResNet-{student[0]} x{student[1]:g}, {views}"
     for method in methods:
         for start, title in starts_of(method).items():
             rows[f"{method}_{start}"] = f"{method} {title}"
@@ -155,9 +184,6 @@ def resolve_budget(args: argparse.Namespace) -> Budget:
         f.name: getattr(args, f.name) for f in dataclasses.fields(Budget) if getattr(args, f.name) is not None
     }
     return dataclasses.replace(base, **overrides)
-
-
-UNLABELED_BATCH_RATIO = 7
 
 
 def base_config(args: argparse.Namespace, budget: Budget):
@@ -184,9 +210,9 @@ def base_config(args: argparse.Namespace, budget: Budget):
             "log_every_steps": 50,
             "keep_hub_module_max": 0,  # a study: no SavedModel exports
         },
-        # One mu for every method (FixMatch's), so the rows differ only by method; the
-        # image budget keeps their cost equal (S4L's own recipe would use 1).
-        semi={"unlabeled_batch_ratio": UNLABELED_BATCH_RATIO},
+        # One mu for every method (FixMatch's 7 by default), so the rows differ only by
+        # method; the image budget keeps their cost equal (S4L's own recipe would use 1).
+        semi={"unlabeled_batch_ratio": args.unlabeled_batch_ratio},
         runtime={"use_tpu": args.use_tpu, "tpu_name": args.tpu_name},
     )
 
@@ -236,6 +262,31 @@ def distill_config(base, budget: Budget, fraction: float, teacher: str):
         model={"ft_proj_selector": 1},
         distill={"teacher_checkpoint": teacher, "distill_temperature": 1.0, "distill_label_weight": 0.3},
         optim={"optimizer": "momentum", "learning_rate": 0.003, "warmup_epochs": 0, "weight_decay": 1e-5},
+    )
+
+
+def student_architecture(args: argparse.Namespace, budget: Budget) -> tuple[int, float] | None:
+    """The big-to-small student's (depth, width), or None when no student row is asked for."""
+    if args.student_resnet_depth is None and args.student_width_multiplier is None:
+        return None
+    return (args.student_resnet_depth or budget.resnet_depth, args.student_width_multiplier or budget.width_multiplier)
+
+
+def student_distill_config(base, budget: Budget, fraction: float, teacher: str, student: tuple[int, float],
+                           row: str):
+    """Big-to-small: a smaller student from random weights learns (b)'s soft labels only.
+
+    Both rows differ only in what the teacher sees (Beyer et al.'s fixed teacher vs function
+    matching); the student's optimizer is row (a)'s, as it also starts from random weights.
+    """
+    views, mixup_alpha, _ = STUDENT_ROWS[row]
+    return base.replace(
+        train={"train_mode": "distill", "train_epochs": budget.student_distill_epochs, "checkpoint": None},
+        data={"labeled_fraction": fraction},
+        model={"resnet_depth": student[0], "width_multiplier": student[1], "ft_proj_selector": 0},
+        distill={"teacher_checkpoint": teacher, "distill_temperature": 1.0, "distill_label_weight": 0.0,
+                 "distill_views": views, "mixup_alpha": mixup_alpha},
+        optim={"optimizer": "momentum", "learning_rate": 0.1, "warmup_epochs": 0, "weight_decay": 1e-4},
     )
 
 
@@ -319,7 +370,8 @@ def label_efficiency(args: argparse.Namespace) -> dict:
 
     pretrain_dir = os.path.join(out, "pretrain")
     pretrain = run(pretrain_config(base, budget), pretrain_dir)
-    rows = row_titles(args.methods)
+    student = student_architecture(args, budget)
+    rows = row_titles(args.methods, student)
     results: dict[str, dict[str, float]] = {row: {} for row in rows}
     run_seconds = {"pretrain": pretrain["seconds"]}
     for fraction in fractions:
@@ -330,6 +382,9 @@ def label_efficiency(args: argparse.Namespace) -> dict:
         finetune = run(labeled_config(base, budget, fraction, "finetune", pretrain_dir), finetune_dir)
         distill = run(distill_config(base, budget, fraction, finetune_dir), os.path.join(out, f"distill_{tag}"))
         row_results = {"supervised": supervised, "finetune": finetune, "distill": distill}
+        for row in STUDENT_ROWS if student is not None else ():
+            config = student_distill_config(base, budget, fraction, finetune_dir, student, row)
+            row_results[row] = run(config, os.path.join(out, f"{row}_{tag}"))
         for method in args.methods:
             for start, checkpoint, learning_rate in (("scratch", None, args.method_lr_scratch),
                                                      ("simclr", finetune_dir, args.method_lr_simclr)):
@@ -349,6 +404,7 @@ def label_efficiency(args: argparse.Namespace) -> dict:
         "rows": rows,
         "method_steps": {m: method_steps(budget, m, base.semi.unlabeled_batch_ratio) for m in args.methods},
         "unlabeled_batch_ratio": base.semi.unlabeled_batch_ratio,
+        "student": list(student) if student else None,
         "method_lr": {"scratch": args.method_lr_scratch, "simclr": args.method_lr_simclr},
         "top_1": results,
         # Representation quality without labels (weighted k-NN on frozen features).
@@ -402,16 +458,23 @@ def write_report(report: dict, fractions: list[float], out: str) -> None:
     pathlib.Path(out, "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
 
     rows = report.get("rows", METHODS)
-    figure, axes = plt.subplots(figsize=(5 if len(rows) <= 3 else 7.5, 3.5), dpi=120)
     tags = [f"{f:g}" for f in fractions]
+    if len(fractions) == 1:
+        # One fraction makes every line a single point: bars read better.
+        figure = _bar_plot(plt, report, rows, tags[0])
+        figure.savefig(os.path.join(out, "report.png"), bbox_inches="tight")
+        plt.close(figure)
+        return
+    figure, axes = plt.subplots(figsize=(5 if len(rows) <= 3 else 7.5, 3.5), dpi=120)
     colors = plt.get_cmap("tab10").colors
-    methods = list(dict.fromkeys(row.rsplit("_", 1)[0] for row in rows if row not in METHODS))
-    for index, (row, title) in enumerate(rows.items()):
-        if row in METHODS:
-            style = {"color": colors[index], "marker": "o"}
+    fixed_rows = [row for row in rows if row in METHODS or row in STUDENT_ROWS]
+    methods = list(dict.fromkeys(row.rsplit("_", 1)[0] for row in rows if row not in fixed_rows))
+    for row, title in rows.items():
+        if row in fixed_rows:
+            style = {"color": colors[fixed_rows.index(row)], "marker": "o" if row in METHODS else "D"}
         else:  # a method's two starts share its colour: dotted from scratch, solid from SimCLRv2
             method, start = row.rsplit("_", 1)
-            style = {"color": colors[(len(METHODS) + methods.index(method)) % len(colors)],
+            style = {"color": colors[(len(fixed_rows) + methods.index(method)) % len(colors)],
                      "marker": "s" if start == "scratch" else "^",
                      "linestyle": ":" if start == "scratch" else "-"}
         axes.plot([100 * f for f in fractions], [100 * report["top_1"][row][t] for t in tags],
@@ -431,12 +494,41 @@ def write_report(report: dict, fractions: list[float], out: str) -> None:
     plt.close(figure)
 
 
+def _bar_plot(plt, report: dict, rows: dict[str, str], tag: str):
+    """Top-1 per row at one label fraction, in table order: rows (a)-(c') grey, a method's
+    run from scratch light and from SimCLRv2 dark; dashed lines at (a) and (b)."""
+    titles = list(rows.values())
+    values = [100 * report["top_1"][row][tag] for row in rows]
+    colors = ["#8c8c8c" if row in METHODS or row in STUDENT_ROWS
+              else "#9ecae1" if row.endswith("_scratch") else "#2171b5" for row in rows]
+    figure, axes = plt.subplots(figsize=(7, 0.28 * len(rows) + 1.2), dpi=120)
+    positions = range(len(rows))
+    axes.barh(positions, values, color=colors)
+    for position, value in zip(positions, values):
+        axes.text(value + 0.3, position, f"{value:.1f}", va="center", fontsize=7)
+    for row, style in (("supervised", ":"), ("finetune", "--")):
+        axes.axvline(100 * report["top_1"][row][tag], color="black", linestyle=style, linewidth=0.8)
+    axes.set_yticks(list(positions), titles, fontsize=7)
+    axes.invert_yaxis()  # the table's order, top to bottom
+    axes.set_xlim(0, max(values) + 6)
+    axes.set_xlabel(f"validation top-1 (%), {float(tag):.0%} labels (dotted: (a), dashed: (b))")
+    axes.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
 def method_summary(report: dict) -> list[str]:
-    """The semi-supervised runs' settings, when there are any."""
-    if len(report.get("rows", METHODS)) == len(METHODS):
-        return []
+    """The semi-supervised and big-to-small runs' settings, when there are any."""
     budget = report["budget"]
-    return [
+    lines = []
+    if report.get("student"):
+        depth, width = report["student"]
+        lines += ["", f"Big-to-small rows (c'): (b) teaches a ResNet-{depth} x{width:g} student from "
+                      f"random weights on all training "
+                      f"images for {budget['student_distill_epochs']} epochs, soft labels only."]
+    if not report.get("method_steps"):
+        return lines
+    return lines + [
         "",
         f"Semi-supervised rows: {budget['method_images']:,} images through the network per run "
         f"({', '.join(f'{m}: {n} steps' for m, n in report['method_steps'].items())}), "

@@ -153,3 +153,53 @@ def test_method_steps_share_one_image_budget(tool):
     for method in ("fixmatch", "uda", "mean_teacher", "debiasmatch", "dst"):
         assert tool.method_steps(budget, method, 7) == round(budget.method_images / 480)
     assert tool.method_steps(budget, "s4l", 7) == round(budget.method_images / 1024)
+
+
+def test_big_to_small_rows_and_unlabeled_batch_ratio(tool, tmp_path, monkeypatch):
+    # The two student rows: (b) teaches a narrower student from random weights, the rows
+    # differing only in the teacher's view; --unlabeled_batch_ratio reaches every method run.
+    configs = {}
+
+    def fake_run(config, model_dir):
+        configs[pathlib.Path(model_dir).name] = json.loads(config.to_json())
+        return {"eval/label_top_1_accuracy": len(configs) / 100, "eval/knn_top_1_accuracy": 0.5, "seconds": 60.0}
+
+    monkeypatch.setattr(tool, "run", fake_run)
+    args = tool.parse_args([
+        "--dataset=mnist5k", "--train_split=train[:200]", "--eval_split=validation[:64]", "--budget=smoke",
+        "--fractions=0.05", f"--output_dir={tmp_path}", "--methods=s4l", "--unlabeled_batch_ratio=1",
+        "--student_resnet_depth=18", "--student_width_multiplier=0.5",
+    ])
+    report = tool.label_efficiency(args)
+    assert list(report["rows"]) == ["supervised", "finetune", "distill", "student_fixed", "student_consistent",
+                                    "s4l_scratch", "s4l_simclr"]
+    fixed, consistent = configs["student_fixed_0.05"], configs["student_consistent_0.05"]
+    supervised = configs["supervised_0.05"]
+    for student in (fixed, consistent):
+        assert student["train"]["train_mode"] == "distill" and student["train"]["checkpoint"] is None
+        assert student["train"]["train_epochs"] == tool.BUDGETS["smoke"].student_distill_epochs
+        assert student["distill"]["teacher_checkpoint"] == str(tmp_path / "finetune_0.05")
+        assert student["distill"]["distill_label_weight"] == 0.0
+        assert (student["model"]["resnet_depth"], student["model"]["width_multiplier"]) == (18, 0.5)
+        assert supervised["model"]["resnet_depth"] == 10  # the smoke budget's teacher
+        assert student["data"] == supervised["data"]
+    assert (fixed["distill"]["distill_views"], fixed["distill"]["mixup_alpha"]) == ("fixed", 0.0)
+    assert (consistent["distill"]["distill_views"], consistent["distill"]["mixup_alpha"]) == ("consistent", 1.0)
+    # Everything else about the two students is the same.
+    for section in ("train", "model", "optim", "data"):
+        assert fixed[section] == consistent[section]
+    assert configs["s4l_scratch_0.05"]["semi"]["unlabeled_batch_ratio"] == 1
+    assert report["unlabeled_batch_ratio"] == 1
+    assert report["method_steps"]["s4l"] == tool.method_steps(tool.BUDGETS["smoke"], "s4l", 1)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| (c') (b) distilled into ResNet-18 x0.5, fixed teacher view |" in markdown
+    assert "| (c') (b) distilled into ResNet-18 x0.5, consistent views + mixup |" in markdown
+    assert "Big-to-small rows (c')" in markdown and "1 times as many" in markdown
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_student_architecture_defaults_to_the_budgets(tool):
+    budget = tool.BUDGETS["hour"]
+    assert tool.student_architecture(tool.parse_args([]), budget) is None
+    assert tool.student_architecture(tool.parse_args(["--student_resnet_depth=10"]), budget) == (10, 0.25)
+    assert tool.student_architecture(tool.parse_args(["--student_width_multiplier=0.5"]), budget) == (18, 0.5)
