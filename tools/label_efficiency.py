@@ -109,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_split", default="train[:90%]")
     parser.add_argument("--eval_split", default="train[90%:]")
     parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--backbone", choices=("resnet", "vit"), default="resnet",
+                        help="vit: every run on a ViT (--vit_size, --patch_size) with AdamW (VIT_OPTIMIZER).")
+    parser.add_argument("--vit_size", default="tiny", help="With --backbone=vit: tiny, small or base.")
+    parser.add_argument("--patch_size", type=int, default=4, help="With --backbone=vit (4 for 32 px).")
     parser.add_argument("--fractions", default="0.01,0.1", help="Comma-separated label fractions.")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="hour")
     parser.add_argument("--output_dir", default="runs/label_efficiency")
@@ -125,10 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student_width_multiplier", type=float, default=None,
                         help="The big-to-small student's width (default: the budget's); also adds the rows.")
     # Learning rates after batch scaling, i.e. at any --method_batch_size: those of rows (a) and (b).
-    parser.add_argument("--method_lr_scratch", type=float, default=0.1,
-                        help="Learning rate of the semi-supervised runs from scratch.")
-    parser.add_argument("--method_lr_simclr", type=float, default=0.003,
-                        help="Learning rate of the semi-supervised runs from the fine-tuned SimCLRv2 model.")
+    parser.add_argument("--method_lr_scratch", type=float, default=None,
+                        help="Learning rate of the semi-supervised runs from scratch (default: row (a)'s, "
+                             "0.1 for a ResNet).")
+    parser.add_argument("--method_lr_simclr", type=float, default=None,
+                        help="Learning rate of the semi-supervised runs from the fine-tuned SimCLRv2 model "
+                             "(default: row (b)'s, 0.003 for a ResNet).")
     for field in dataclasses.fields(Budget):
         # Annotations are strings here (postponed evaluation).
         parser.add_argument(f"--{field.name}", type={"int": int, "float": float}[field.type],
@@ -140,6 +146,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.methods = parse_methods(args.methods)
     except ValueError as error:
         parser.error(str(error))
+    if args.backbone == "vit" and (args.student_resnet_depth or args.student_width_multiplier):
+        parser.error("--student_resnet_depth / --student_width_multiplier: the big-to-small rows are ResNet "
+                     "students; drop them with --backbone=vit.")
+    starts = {"scratch": "scratch", "simclr": "pretrained"}
+    for start, role in starts.items():
+        if getattr(args, f"method_lr_{start}") is None:
+            setattr(args, f"method_lr_{start}", LEARNING_RATES[args.backbone][role])
     return args
 
 
@@ -195,6 +208,9 @@ def base_config(args: argparse.Namespace, budget: Budget):
             "resnet_depth": budget.resnet_depth,
             "width_multiplier": budget.width_multiplier,
             "image_size": args.image_size,
+            # A ResNet run's config keeps the ViT fields' defaults (as every run made before them).
+            **({"backbone": "vit", "vit_size": args.vit_size, "patch_size": args.patch_size}
+               if args.backbone == "vit" else {}),
         },
         data={
             "dataset": args.dataset,
@@ -218,12 +234,31 @@ def base_config(args: argparse.Namespace, budget: Budget):
     )
 
 
+# Learning rates per backbone and start (after batch scaling): a ResNet's are those that did
+# best on CIFAR-10 1% (momentum SGD, tried 0.003-0.1; LARS 1.0 to pretrain); a ViT's are
+# AdamW's usual ones (DeiT, MoCo v3), not tuned here.
+LEARNING_RATES = {
+    "resnet": {"pretrain": 1.0, "scratch": 0.1, "pretrained": 0.003},
+    "vit": {"pretrain": 1e-3, "scratch": 1e-3, "pretrained": 1e-4},
+}
+# A ViT trains with AdamW and DeiT's decoupled weight decay everywhere (LARS and momentum SGD
+# suit it poorly); its embeddings and norms are not decayed (simclr_tf/optim/factory.py).
+VIT_OPTIMIZER = {"optimizer": "adamw", "weight_decay": 0.05}
+
+
+def optimizer(base, start: str, resnet: dict) -> dict:
+    """The optim section of a run: `resnet` (with its rate for `start`) on a ResNet, AdamW on a ViT."""
+    backbone = base.model.backbone
+    rate = {"learning_rate": LEARNING_RATES[backbone][start]}
+    return {**resnet, **rate} if backbone == "resnet" else {**resnet, **VIT_OPTIMIZER, **rate}
+
+
 def pretrain_config(base, budget: Budget):
     # No labels at all: the linear head is off, so the representation never sees one.
     return base.replace(
         train={"train_mode": "pretrain", "train_epochs": budget.pretrain_epochs,
                "lineareval_while_pretraining": False},
-        optim={"optimizer": "lars", "learning_rate": 1.0, "warmup_epochs": 1},
+        optim=optimizer(base, "pretrain", {"optimizer": "lars", "warmup_epochs": 1}),
     )
 
 
@@ -246,12 +281,8 @@ def labeled_config(base, budget: Budget, fraction: float, train_mode: str, check
         data={"labeled_fraction": fraction},
         # The paper fine-tunes from the first layer of the projection head.
         model={"ft_proj_selector": 1 if finetuning else 0},
-        optim={
-            "optimizer": "momentum",
-            "learning_rate": 0.003 if finetuning else 0.1,
-            "warmup_epochs": 0,
-            "weight_decay": 1e-4,
-        },
+        optim=optimizer(base, "pretrained" if finetuning else "scratch",
+                        {"optimizer": "momentum", "warmup_epochs": 0, "weight_decay": 1e-4}),
     )
 
 
@@ -262,7 +293,7 @@ def distill_config(base, budget: Budget, fraction: float, teacher: str):
         data={"labeled_fraction": fraction},
         model={"ft_proj_selector": 1},
         distill={"teacher_checkpoint": teacher, "distill_temperature": 1.0, "distill_label_weight": 0.3},
-        optim={"optimizer": "momentum", "learning_rate": 0.003, "warmup_epochs": 0, "weight_decay": 1e-5},
+        optim=optimizer(base, "pretrained", {"optimizer": "momentum", "warmup_epochs": 0, "weight_decay": 1e-5}),
     )
 
 
@@ -287,7 +318,7 @@ def student_distill_config(base, budget: Budget, fraction: float, teacher: str, 
         model={"resnet_depth": student[0], "width_multiplier": student[1], "ft_proj_selector": 0},
         distill={"teacher_checkpoint": teacher, "distill_temperature": 1.0, "distill_label_weight": 0.0,
                  "distill_views": views, "mixup_alpha": mixup_alpha},
-        optim={"optimizer": "momentum", "learning_rate": 0.1, "warmup_epochs": 0, "weight_decay": 1e-4},
+        optim=optimizer(base, "scratch", {"optimizer": "momentum", "warmup_epochs": 0, "weight_decay": 1e-4}),
     )
 
 
@@ -333,11 +364,9 @@ def method_config(base, budget: Budget, fraction: float, train_mode: str, checkp
         # The fine-tuned model keeps the first projection layer: build the same model.
         model={"ft_proj_selector": 1 if from_simclr else 0},
         optim={
-            "optimizer": "momentum",
+            **optimizer(base, "scratch", {"optimizer": "momentum", "warmup_epochs": 0, "weight_decay": 1e-4}),
             "learning_rate": learning_rate * 256 / budget.method_batch_size,
             "learning_rate_scaling": "linear",
-            "warmup_epochs": 0,
-            "weight_decay": 1e-4,
         },
         # Evaluation uses the weight average: it should span the last ~10% of the steps,
         # not (at 0.999 over 1,000 steps) keep a third of the random start.
@@ -398,6 +427,7 @@ def label_efficiency(args: argparse.Namespace) -> dict:
             run_seconds[f"{row}_{tag}"] = result["seconds"]
 
     report = {
+        "model": model_name(args.backbone, budget, args.vit_size, args.patch_size),
         "budget": dataclasses.asdict(budget),
         "dataset": args.dataset,
         "train_split": args.train_split,
@@ -429,6 +459,14 @@ def markdown_table(report: dict, fractions: list[float]) -> str:
     return "\n".join(lines)
 
 
+def model_name(backbone: str, budget, vit_size: str = "tiny", patch_size: int = 4) -> str:
+    """The network of every row but the big-to-small students, as the report names it."""
+    if backbone == "vit":
+        return f"ViT-{vit_size.capitalize()}/{patch_size}"
+    budget = budget if isinstance(budget, dict) else dataclasses.asdict(budget)
+    return f"ResNet-{budget['resnet_depth']} x{budget['width_multiplier']:g}"
+
+
 def write_report(report: dict, fractions: list[float], out: str) -> None:
     import matplotlib
 
@@ -441,7 +479,7 @@ def write_report(report: dict, fractions: list[float], out: str) -> None:
         "# Label efficiency",
         "",
         f"Validation top-1 (%) on `{report['eval_split']}` of `{report['dataset']}`; "
-        f"ResNet-{budget['resnet_depth']} x{budget['width_multiplier']:g}, "
+        f"{report.get('model') or model_name('resnet', budget)}, "
         f"{budget['pretrain_epochs']} pretraining epochs, {budget['label_steps']} label steps, "
         f"{budget['distill_epochs']} distillation epochs; {report['seconds'] / 60:.0f} min in all "
         f"(pretraining: {report['run_seconds']['pretrain'] / 60:.0f} min).",

@@ -203,3 +203,47 @@ def test_student_architecture_defaults_to_the_budgets(tool):
     assert tool.student_architecture(tool.parse_args([]), budget) is None
     assert tool.student_architecture(tool.parse_args(["--student_resnet_depth=10"]), budget) == (10, 0.25)
     assert tool.student_architecture(tool.parse_args(["--student_width_multiplier=0.5"]), budget) == (18, 0.5)
+
+
+def test_vit_backbone_runs_every_row_with_adamw(tool, tmp_path, monkeypatch):
+    # --backbone=vit: the same rows on a ViT, every run with AdamW at the ViT rates; the
+    # ResNet rows keep their optimizers (checked against the defaults' table).
+    configs = {}
+
+    def fake_run(config, model_dir):
+        configs[pathlib.Path(model_dir).name] = json.loads(config.to_json())
+        return {"eval/label_top_1_accuracy": 0.5, "eval/knn_top_1_accuracy": 0.5, "seconds": 60.0}
+
+    monkeypatch.setattr(tool, "run", fake_run)
+    common = ["--dataset=mnist5k", "--train_split=train[:200]", "--eval_split=validation[:64]", "--budget=smoke",
+              "--fractions=0.05", "--methods=fixmatch"]
+    report = tool.label_efficiency(tool.parse_args(
+        common + [f"--output_dir={tmp_path / 'vit'}", "--backbone=vit", "--patch_size=8"]))
+    assert report["model"] == "ViT-Tiny/8"
+    rates = tool.LEARNING_RATES["vit"]
+    expected_rates = {"pretrain": rates["pretrain"], "supervised_0.05": rates["scratch"],
+                      "finetune_0.05": rates["pretrained"], "distill_0.05": rates["pretrained"],
+                      "fixmatch_scratch_0.05": rates["scratch"] * 256 / 4,
+                      "fixmatch_simclr_0.05": rates["pretrained"] * 256 / 4}
+    for name, rate in expected_rates.items():
+        config = configs[name]
+        assert (config["model"]["backbone"], config["model"]["vit_size"], config["model"]["patch_size"]) == (
+            "vit", "tiny", 8), name
+        assert (config["optim"]["optimizer"], config["optim"]["weight_decay"]) == ("adamw", 0.05), name
+        assert config["optim"]["learning_rate"] == pytest.approx(rate), name
+    assert "ViT-Tiny/8" in (tmp_path / "vit" / "report.md").read_text()
+
+    configs.clear()
+    tool.label_efficiency(tool.parse_args(common + [f"--output_dir={tmp_path / 'resnet'}"]))
+    optimizers = {name: (c["optim"]["optimizer"], c["optim"]["learning_rate"], c["optim"]["weight_decay"])
+                  for name, c in configs.items() if name != "pretrain"}
+    assert optimizers == {
+        "supervised_0.05": ("momentum", 0.1, 1e-4), "finetune_0.05": ("momentum", 0.003, 1e-4),
+        "distill_0.05": ("momentum", 0.003, 1e-5),
+        "fixmatch_scratch_0.05": ("momentum", 0.1 * 256 / 4, 1e-4),
+        "fixmatch_simclr_0.05": ("momentum", 0.003 * 256 / 4, 1e-4),
+    }
+    assert (configs["pretrain"]["optim"]["optimizer"], configs["pretrain"]["optim"]["learning_rate"]) == ("lars", 1.0)
+    assert configs["supervised_0.05"]["model"]["backbone"] == "resnet"
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--backbone=vit", "--student_resnet_depth=10"])
