@@ -20,7 +20,8 @@ trains on each part with its own loss. `Pu.run` hands the run to `run` here, in 
    - labeled positives: BCE with label 1; easy images (weak view): the generalized
      Jensen-Shannon loss (Englesson & Azizpour, NeurIPS 2021) towards the base's
      probability [1 - p, p] (measured on the un-augmented image, during the split),
-     target weight 0.7; both summed and divided by their count (`easy_loss`);
+     target weight 0.7; their means weighted by the two sets' sizes (`easy_loss`), the
+     reference's per-epoch sum over all of them divided by their count;
    - hard images, a weak and a strong view (`--pu_hard_weight`, `--pu_sim_weight`,
      `--pu_feature_weight`): the model's own weak-view probability, where confident, is
      the BCE target of its strong view (`prediction_consistency_loss`); SimSiam's
@@ -35,8 +36,13 @@ Reference: the authors' code (splitpu_utils.py). Deviations, each for a reason:
   epoch's weights through `--checkpoint` with a fresh optimizer and a full cosine schedule
   (restarts): the shared trainer trains to a fixed step, so an early stop is a new run.
 - The reference feeds its step every easy and hard image once an epoch (batch sizes from
-  the set sizes); here B unlabeled images a step, as `--train_mode=pu`, split between easy
-  and hard in proportion, and the run's length is `--train_steps`/`--train_epochs`.
+  the set sizes, so a step holds positives and easy images in the sets' proportion); here
+  B positives and B unlabeled images a step, as `--train_mode=pu`, the unlabeled ones split
+  between easy and hard in proportion, and the run's length is `--train_steps`/
+  `--train_epochs`. B positives would make them half of the easy loss's examples (with 450
+  positives and 44,000 easy images: 1% in the reference), which pushed the model towards
+  "positive" (85.5% binary top-1 against the base's 95.5% in the automobile recipe), so
+  `easy_loss` weighs the two means by the set sizes instead.
 - Prediction self-consistency keeps examples whose weak-view probability p has
   max(p, 1 - p) >= 0.95, confident either way (the reference: p >= 0.95, positives only),
   and averages over all hard images (masked ones count 0), as FixMatch.
@@ -121,9 +127,19 @@ def generalized_js_loss(*, targets: tf.Tensor, logits: tf.Tensor, target_weight:
 
 
 def easy_loss(
-    *, positive_scores: tf.Tensor, easy_scores: tf.Tensor, easy_targets: tf.Tensor, target_weight: float
+    *,
+    positive_scores: tf.Tensor,
+    easy_scores: tf.Tensor,
+    easy_targets: tf.Tensor,
+    target_weight: float,
+    positive_ratio: float | None = None,
 ) -> tuple[tf.Tensor, base.Metrics]:
-    """[sum BCE(1, positives) + sum GJS([1 - t, t], easy)] / (P + E), the reference's normalisation.
+    """(r mean BCE(1, positives) + mean GJS([1 - t, t], easy)) / (1 + r).
+
+    r = `positive_ratio`, the labeled positives' count over the easy images' in the whole
+    training set: the reference's per-epoch [sum over all positives + sum over all easy
+    images] / their count, whatever a batch's mix. None: r = P / E of this batch, i.e.
+    [sum BCE + sum GJS] / (P + E), the reference's normalisation of a single batch.
 
     Args:
       positive_scores: (P,) scores g of labeled positives.
@@ -141,8 +157,11 @@ def easy_loss(
         logits=two_class(easy_scores, tf.zeros_like(easy_scores)),
         target_weight=target_weight,
     )
-    count = tf.cast(tf.size(positive_bce) + tf.size(js), tf.float32)
-    loss = (tf.reduce_sum(positive_bce) + tf.reduce_sum(js)) / tf.maximum(count, 1.0)
+    if positive_ratio is None:
+        count = tf.cast(tf.size(positive_bce) + tf.size(js), tf.float32)
+        loss = (tf.reduce_sum(positive_bce) + tf.reduce_sum(js)) / tf.maximum(count, 1.0)
+    else:
+        loss = (positive_ratio * tf.reduce_mean(positive_bce) + tf.reduce_mean(js)) / (1.0 + positive_ratio)
     return loss, {"easy_loss": loss}
 
 
@@ -196,6 +215,7 @@ def split_pu_loss(
     feature_weight: float,
     target_weight: float,
     threshold: float,
+    positive_ratio: float | None = None,
 ) -> tuple[tf.Tensor, base.Metrics]:
     """easy + hard_weight * self-consistency + sim_weight * SimSiam + feature_weight * cross-consistency.
 
@@ -205,7 +225,8 @@ def split_pu_loss(
     left out when feature_weight is 0 (the term is then 0).
     """
     loss, metrics = easy_loss(positive_scores=positive_scores, easy_scores=easy_scores,
-                              easy_targets=easy_targets, target_weight=target_weight)
+                              easy_targets=easy_targets, target_weight=target_weight,
+                              positive_ratio=positive_ratio)
     zero = tf.constant(0.0)
     metrics.update(hard_loss=zero, mask_rate=zero, sim_loss=zero, feature_loss=zero)
     if hard is None:
@@ -445,6 +466,10 @@ class Final(Pu):
         # The base's probabilities of the easy images, by row (the easy source numbers them so).
         probabilities = 1.0 / (1.0 + np.exp(-self.split.base_scores[easy].astype(np.float64)))
         self.easy_targets = tf.Variable(probabilities.astype(np.float32), trainable=False, name="easy_targets")
+        num_positives = self.experiment.source.num_examples(self.config.data.train_split, self.labeled_subset())
+        self.positive_ratio = num_positives / len(easy)
+        logging.info("Easy loss: %d labeled positives, %d easy images (positive ratio %.4f).",
+                     num_positives, len(easy), self.positive_ratio)
         if self.split.easy.all():
             logging.warning("The split has no hard image: training on positives and easy images only.")
         features = semi.classifier_input_dim(model)
@@ -495,7 +520,7 @@ class Final(Pu):
             positive_scores=scores[0], easy_scores=scores[1],
             easy_targets=tf.gather(self.easy_targets, batch["easy_row"]), hard=hard,
             hard_weight=pu.pu_hard_weight, sim_weight=pu.pu_sim_weight, feature_weight=pu.pu_feature_weight,
-            target_weight=JS_TARGET_WEIGHT, threshold=CONSISTENCY_THRESHOLD,
+            target_weight=JS_TARGET_WEIGHT, threshold=CONSISTENCY_THRESHOLD, positive_ratio=self.positive_ratio,
         )
 
     def train_batches(self, batch_size, context, *, start_step, cache):

@@ -66,6 +66,10 @@ def test_easy_loss_is_bce_on_positives_and_js_on_easy_over_their_count():
     expected = (_bce(1.0, positive).sum() + js.sum()) / 5
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     assert float(metrics["easy_loss"]) == float(loss)
+    # With the sets' ratio r: (r mean BCE + mean GJS) / (1 + r), whatever the batch's mix.
+    weighted, _ = split_pu.easy_loss(positive_scores=positive, easy_scores=easy, easy_targets=targets,
+                                     target_weight=0.7, positive_ratio=0.01)
+    np.testing.assert_allclose(float(weighted), (0.01 * _bce(1.0, positive).mean() + js.mean()) / 1.01, rtol=1e-5)
 
 
 def test_prediction_consistency_keeps_confident_images_either_way():
@@ -259,7 +263,10 @@ def test_one_final_step_against_numpy(tiny_method_config, base_dir, tmp_path, mo
     easy_rows = batch["easy_row"].numpy()  # rows of the easy images 0, 2, 4, ... -> base score of image 2*row
     targets = _sigmoid(base_scores[2 * easy_rows])
     js = _gjs(np.stack([1 - targets, targets], -1), np.stack([np.zeros(4), g[8:12]], -1), 0.7)
-    easy = (_bce(1.0, g[:8]).sum() + js.sum()) / 12
+    # The two means weighted by the sets' sizes: 2 labeled images of each positive class
+    # (labeled_per_class) against the 16 easy images, not the batch's 8 against 4.
+    assert method.positive_ratio == 4 / 16
+    easy = (0.25 * _bce(1.0, g[:8]).mean() + js.mean()) / 1.25
     weak, strong = g[12:16], g[16:20]
     p = _sigmoid(weak)
     hard = np.mean(_bce(p, strong))
