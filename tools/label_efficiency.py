@@ -27,8 +27,8 @@ On accelerators, scale the runs up with --budget=full or the per-stage flags
 Adding --methods=all --fractions=0.01 adds two runs a method (one for semivit, which only
 fine-tunes (b)'s model), 15 runs of at most 20 minutes each (hour budget).
 --student_resnet_depth=D (and/or --student_width_multiplier=W) adds big-to-small
-distillation: (b) teaches a smaller student from random weights on all training images, once with the teacher on the un-augmented image
-("fixed teacher") and once with both on the same crop mixed up (Beyer et al.'s "function
+distillation: (b) teaches a smaller student from random weights on all training images,
+once with the teacher on the un-augmented image ("fixed teacher") and once with both on the same crop mixed up (Beyer et al.'s "function
 matching"), for the same epochs.
 """
 
@@ -79,7 +79,7 @@ class Budget:
     # method_images / images_per_step (a FixMatch step at batch 32: 32 + 2 x 224 = 480).
     method_batch_size: int
     method_images: int
-    # Big-to-small distillation (--student_width_multiplier): epochs of each student.
+    # Big-to-small distillation (--student_resnet_depth / --student_width_multiplier): epochs of each student.
     student_distill_epochs: int
 
 
