@@ -28,8 +28,8 @@ Adding --methods=all --fractions=0.01 adds two runs a method (one for semivit, w
 fine-tunes (b)'s model), 15 runs of at most 20 minutes each (hour budget).
 --student_resnet_depth=D (and/or --student_width_multiplier=W) adds big-to-small
 distillation: (b) teaches a smaller student from random weights on all training images,
-once with the teacher on the un-augmented image ("fixed teacher") and once with both on the same crop mixed up (Beyer et al.'s "function
-matching"), for the same epochs.
+once with the teacher on the un-augmented image ("fixed teacher") and once with both on
+the same crop mixed up (Beyer et al.'s "function matching"), for the same epochs.
 """
 
 from __future__ import annotations
